@@ -1,0 +1,123 @@
+//! The experts of one MoE layer with their weights stacked along a leading
+//! expert axis, so that every expert runs in one batched matmul over the
+//! tokens gathered for it (the official code loops over experts in Python).
+
+use burn::module::{Module, Param};
+use burn::tensor::{activation, backend::Backend, Tensor};
+
+use crate::activation::gelu_tanh;
+use crate::init;
+
+/// Which feed-forward network each expert (and each dense MLP) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertKind {
+    /// GELU (tanh) MLP with biases, `Mlp(D, H)` (official `use_swiglu=False`).
+    Gelu,
+    /// SwiGLU without biases, `MoeMLP(D, H)` (official `use_swiglu=True`).
+    SwiGlu,
+}
+
+/// GELU experts: `fc2(gelu_tanh(fc1(x)))` for each expert.
+#[derive(Module, Debug)]
+pub struct GeluExperts<B: Backend> {
+    /// `[n_experts, d_model, d_hidden]` (the transpose of each official `fc1.weight`).
+    pub fc1_weight: Param<Tensor<B, 3>>,
+    /// `[n_experts, d_hidden]`.
+    pub fc1_bias: Param<Tensor<B, 2>>,
+    /// `[n_experts, d_hidden, d_model]`.
+    pub fc2_weight: Param<Tensor<B, 3>>,
+    /// `[n_experts, d_model]`.
+    pub fc2_bias: Param<Tensor<B, 2>>,
+}
+
+/// SwiGLU experts: `down(silu(gate(x)) * up(x))` for each expert.
+#[derive(Module, Debug)]
+pub struct SwiGluExperts<B: Backend> {
+    /// `[n_experts, d_model, d_hidden]`.
+    pub gate_proj: Param<Tensor<B, 3>>,
+    /// `[n_experts, d_model, d_hidden]`.
+    pub up_proj: Param<Tensor<B, 3>>,
+    /// `[n_experts, d_hidden, d_model]`.
+    pub down_proj: Param<Tensor<B, 3>>,
+}
+
+/// The stacked experts of one layer.
+#[derive(Module, Debug)]
+pub enum ExpertBank<B: Backend> {
+    /// GELU experts.
+    Gelu(GeluExperts<B>),
+    /// SwiGLU experts.
+    SwiGlu(SwiGluExperts<B>),
+}
+
+impl<B: Backend> ExpertBank<B> {
+    /// A bank with the official initialisation: every expert `nn.Linear` is
+    /// Xavier-uniform with zero bias (`_basic_init`).
+    pub fn new(
+        kind: ExpertKind,
+        n_experts: usize,
+        d_model: usize,
+        d_hidden: usize,
+        device: &B::Device,
+    ) -> Self {
+        let up = |d: &B::Device| {
+            Param::from_tensor(init::xavier_uniform([n_experts, d_model, d_hidden], d_model, d_hidden, d))
+        };
+        let down = |d: &B::Device| {
+            Param::from_tensor(init::xavier_uniform([n_experts, d_hidden, d_model], d_hidden, d_model, d))
+        };
+        match kind {
+            ExpertKind::Gelu => Self::Gelu(GeluExperts {
+                fc1_weight: up(device),
+                fc1_bias: Param::from_tensor(Tensor::zeros([n_experts, d_hidden], device)),
+                fc2_weight: down(device),
+                fc2_bias: Param::from_tensor(Tensor::zeros([n_experts, d_model], device)),
+            }),
+            ExpertKind::SwiGlu => Self::SwiGlu(SwiGluExperts {
+                gate_proj: up(device),
+                up_proj: up(device),
+                down_proj: down(device),
+            }),
+        }
+    }
+
+    /// The kind of the experts.
+    pub fn kind(&self) -> ExpertKind {
+        match self {
+            Self::Gelu(_) => ExpertKind::Gelu,
+            Self::SwiGlu(_) => ExpertKind::SwiGlu,
+        }
+    }
+
+    /// `[n_experts, d_model, d_hidden]` of the first projection.
+    pub fn dims(&self) -> [usize; 3] {
+        match self {
+            Self::Gelu(e) => e.fc1_weight.dims(),
+            Self::SwiGlu(e) => e.gate_proj.dims(),
+        }
+    }
+
+    /// Number of experts.
+    pub fn n_experts(&self) -> usize {
+        self.dims()[0]
+    }
+
+    /// Runs expert `e` on row `e` of the input, all experts in one batched matmul.
+    ///
+    /// # Shapes
+    /// - `x`: `[n_experts, tokens, d_model]` -> `[n_experts, tokens, d_model]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Self::Gelu(e) => {
+                let h = x.matmul(e.fc1_weight.val()) + e.fc1_bias.val().unsqueeze_dim(1); // [E, K, H]
+                gelu_tanh(h).matmul(e.fc2_weight.val()) + e.fc2_bias.val().unsqueeze_dim(1) // [E, K, D]
+            }
+            Self::SwiGlu(e) => {
+                let gate = activation::silu(x.clone().matmul(e.gate_proj.val())); // [E, K, H]
+                let up = x.matmul(e.up_proj.val()); // [E, K, H]
+                (gate * up).matmul(e.down_proj.val()) // [E, K, D]
+            }
+        }
+    }
+}

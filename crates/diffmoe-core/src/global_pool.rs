@@ -1,0 +1,238 @@
+//! The DiffMoE layer (Sec. 3.2-3.3, official `models_DiffMoE.py`
+//! `SparseMoEBlock`): expert choice over a batch-level global token pool,
+//! with a capacity predictor and per-expert thresholds for dynamic inference.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{activation, backend::Backend, ElementConversion, Int, Tensor};
+
+use crate::capacity::{capacity_k, CapacityPredictor};
+use crate::expert_bank::{ExpertBank, ExpertKind};
+use crate::init;
+use crate::mlp::Mlp;
+use crate::routing::{Routing, RoutingStats};
+use crate::threshold::{ema_update, threshold_quantile, ThresholdSync, THRESHOLD_EMA_DECAY};
+use crate::token_pool::TokenPool;
+
+/// Hyper-parameters of a DiffMoE layer.
+#[derive(Config, Debug)]
+pub struct DiffMoeConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Hidden width of each expert (`int(d_model * mlp_ratio)`).
+    pub d_hidden: usize,
+    /// Routed experts.
+    pub n_experts: usize,
+    /// Training capacity: each expert takes `int((S / E) * capacity)` tokens.
+    pub capacity: f64,
+    /// GELU or SwiGLU experts.
+    pub expert_kind: ExpertKind,
+    /// Whether a shared expert is added. The official code reads
+    /// `n_shared_experts` only as a flag and always builds a GELU
+    /// `Mlp(D, 8 * D)` (`mlp_ratio * 2` with its default 4.0), whatever the
+    /// expert kind.
+    #[config(default = false)]
+    pub shared_expert: bool,
+}
+
+impl DiffMoeConfig {
+    /// Hidden width of the official shared expert: `int(d_model * 4.0 * 2)`.
+    pub fn shared_hidden(&self) -> usize {
+        self.d_model * 8
+    }
+
+    /// A layer with the official initialisation: gate `N(0, 0.006)`, every
+    /// `nn.Linear` Xavier-uniform with zero bias, thresholds 0, decay 0.95.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> DiffMoeLayer<B> {
+        DiffMoeLayer {
+            gate_weight: Param::from_tensor(init::normal([self.n_experts, self.d_model], 0.006, device)),
+            experts: ExpertBank::new(self.expert_kind, self.n_experts, self.d_model, self.d_hidden, device),
+            capacity_predictor: CapacityPredictor::new(self.d_model, self.n_experts, device),
+            shared_experts: self.shared_expert.then(|| Mlp::new(self.d_model, self.shared_hidden(), device)),
+            expert_threshold: buffer(Tensor::zeros([self.n_experts], device)),
+            ema_decay: buffer(Tensor::from_floats([THRESHOLD_EMA_DECAY], device)),
+            capacity: self.capacity,
+        }
+    }
+}
+
+/// A non-trainable tensor saved with the module (a PyTorch buffer).
+pub(crate) fn buffer<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
+    Param::from_tensor(t).set_require_grad(false)
+}
+
+/// The DiffMoE MLP layer.
+#[derive(Module, Debug)]
+pub struct DiffMoeLayer<B: Backend> {
+    /// `[n_experts, d_model]`: `logits = x @ gate_weight^T`.
+    pub gate_weight: Param<Tensor<B, 2>>,
+    /// The routed experts.
+    pub experts: ExpertBank<B>,
+    /// Predicts which tokens each expert will take.
+    pub capacity_predictor: CapacityPredictor<B>,
+    /// GELU `Mlp(D, 8D)` added unweighted to every token, when configured.
+    pub shared_experts: Option<Mlp<B>>,
+    /// `[n_experts]` buffer: threshold on `sigmoid(capacity logit)` for dynamic routing.
+    pub expert_threshold: Param<Tensor<B, 1>>,
+    /// `[1]` buffer: the EMA decay of the thresholds (0.95).
+    pub ema_decay: Param<Tensor<B, 1>>,
+    /// Training capacity (tokens per expert relative to `S / E`).
+    pub capacity: f64,
+}
+
+impl<B: Backend> DiffMoeLayer<B> {
+    /// Number of routed experts.
+    pub fn n_experts(&self) -> usize {
+        self.experts.n_experts()
+    }
+
+    /// Runs the layer; pure: thresholds are updated by the caller from the
+    /// returned statistics ([`Self::with_updated_thresholds`]).
+    ///
+    /// * `Train` / `Static`: the pool of `S = batch * tokens` tokens, gate
+    ///   `softmax` over experts, and every expert takes its top
+    ///   `k = int((S / E) * capacity)` tokens by gate score; the output of a token
+    ///   is `sum_e score[e, s] * expert_e(x_s)` over the experts that took it.
+    /// * `Dynamic`: `k_e = #{s : sigmoid(logit[s, e]) > threshold_e}` over the
+    ///   whole batch, then expert `e` takes its top `k_e` tokens by gate score.
+    ///   The `k_e` are read on the host once per layer (one synchronisation) to
+    ///   size the batched expert matmul.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, tokens, d_model]` -> `[batch, tokens, d_model]`
+    ///
+    /// # Panics
+    /// In `Train`/`Static` routing, if `k` is 0 (a pool too small for the capacity).
+    pub fn forward(&self, x: Tensor<B, 3>, routing: Routing) -> (Tensor<B, 3>, RoutingStats<B>) {
+        let pool = TokenPool::new(x.clone());
+        let logits = self.capacity_predictor.forward(pool.x.clone()); // [S, E]
+        let scores = activation::softmax(pool.x.clone().matmul(self.gate_weight.val().transpose()), 1)
+            .transpose(); // [E, S]
+        let (y, stats) = match routing {
+            Routing::Train | Routing::Static => self.route_top_k(&pool, scores, logits),
+            Routing::Dynamic => self.route_dynamic(&pool, scores, logits),
+        };
+        let y = pool.unflatten(y);
+        let y = match &self.shared_experts {
+            Some(shared) => y + shared.forward(x),
+            None => y,
+        };
+        (y, stats)
+    }
+
+    /// Training and static routing: every expert takes its top-k of the pool.
+    fn route_top_k(&self, pool: &TokenPool<B>, scores: Tensor<B, 2>, logits: Tensor<B, 2>) -> (Tensor<B, 2>, RoutingStats<B>) {
+        let k = capacity_k(pool.len(), self.n_experts(), self.capacity);
+        assert!(k >= 1, "DiffMoE capacity {} gives k = 0 for a pool of {} tokens", self.capacity, pool.len());
+        let (_, indices) = scores.clone().detach().topk_with_indices(k, 1); // [E, k]
+        let weights = scores.gather(1, indices.clone()); // [E, k]
+        let y = pool.dispatch(&self.experts, indices.clone(), weights.clone());
+        let valid = Tensor::ones([self.n_experts(), k], &pool.x.device());
+        let mut stats = pool.expert_choice_stats(indices, weights, valid);
+        stats.k = Some(k);
+        stats.threshold_quantile = Some(threshold_quantile(logits.clone(), k));
+        stats.capacity_logits = Some(pool.unflatten(logits));
+        (y, stats)
+    }
+
+    /// Dynamic routing: `k_e` tokens above threshold, taken by gate score.
+    /// The top-`k_e` of a descending top-`max_e k_e` are its first `k_e`
+    /// entries, so all experts still run as one batched matmul, the slots past
+    /// `k_e` weighted by zero.
+    fn route_dynamic(&self, pool: &TokenPool<B>, scores: Tensor<B, 2>, logits: Tensor<B, 2>) -> (Tensor<B, 2>, RoutingStats<B>) {
+        let n_experts = self.n_experts();
+        let device = pool.x.device();
+        let thresholds = self.expert_threshold.val().unsqueeze_dim::<2>(0); // [1, E]
+        let above = activation::sigmoid(logits.clone()).greater(thresholds); // [S, E]
+        let counts = above.int().sum_dim(0).reshape([n_experts]); // [E]
+        // The one host synchronisation of this layer: the size of the expert batch.
+        let k_max = counts.clone().max().into_scalar().elem::<i64>().max(0) as usize;
+        let (y, mut stats) = if k_max == 0 {
+            let d_model = pool.x.dims()[1];
+            let none = Tensor::<B, 2, Int>::zeros([n_experts, 1], &device);
+            let zero = Tensor::zeros([n_experts, 1], &device);
+            (Tensor::zeros([pool.len(), d_model], &device), pool.expert_choice_stats(none, zero.clone(), zero))
+        } else {
+            let (top, indices) = scores.topk_with_indices(k_max, 1); // [E, k_max]
+            let slot = Tensor::<B, 1, Int>::arange(0..k_max as i64, &device).unsqueeze_dim::<2>(0); // [1, k_max]
+            let valid = slot.lower(counts.clone().unsqueeze_dim::<2>(1)).float(); // [E, k_max]
+            let weights = top * valid.clone();
+            let y = pool.dispatch(&self.experts, indices.clone(), weights.clone());
+            (y, pool.expert_choice_stats(indices, weights, valid))
+        };
+        stats.tokens_per_expert = counts;
+        stats.capacity_logits = Some(pool.unflatten(logits));
+        (y, stats)
+    }
+
+    /// The thresholds after the official EMA update with this forward's
+    /// quantile: `thr * 0.95 + 0.05 * q`, then averaged across replicas.
+    ///
+    /// # Shapes
+    /// - `quantile`: `[n_experts]` -> `[n_experts]`
+    pub fn updated_thresholds(&self, quantile: Tensor<B, 1>, sync: &impl ThresholdSync<B>) -> Tensor<B, 1> {
+        let updated = ema_update(self.expert_threshold.val().detach(), self.ema_decay.val().detach(), quantile.detach());
+        sync.mean_across_replicas(updated)
+    }
+
+    /// This layer with its thresholds updated from a train-routing forward's
+    /// statistics (see [`Self::updated_thresholds`]). Statistics without a
+    /// quantile (dynamic routing) leave the thresholds as they are.
+    pub fn with_updated_thresholds(mut self, stats: &RoutingStats<B>, sync: &impl ThresholdSync<B>) -> Self {
+        if let Some(q) = &stats.threshold_quantile {
+            let updated = self.updated_thresholds(q.clone(), sync);
+            self.expert_threshold = self.expert_threshold.map(|_| updated.set_require_grad(false));
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::threshold::LocalReplica;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    fn layer(capacity: f64) -> DiffMoeLayer<Flex> {
+        DiffMoeConfig::new(8, 16, 4, capacity, ExpertKind::Gelu).init(&Default::default())
+    }
+
+    #[test]
+    fn every_expert_takes_exactly_k_tokens_in_training() {
+        let layer = layer(1.5);
+        let x = Tensor::<Flex, 3>::random([3, 8, 8], Distribution::Default, &Default::default());
+        let (y, stats) = layer.forward(x, Routing::Train);
+        assert_eq!(y.dims(), [3, 8, 8]);
+        let k = capacity_k(24, 4, 1.5);
+        assert_eq!(stats.k, Some(k));
+        let counts: Vec<i64> = stats.tokens_per_expert.to_data().convert::<i64>().to_vec().unwrap();
+        assert_eq!(counts, vec![k as i64; 4]);
+        let mask_total: f32 = stats.selection_mask.sum().into_scalar();
+        assert_eq!(mask_total as usize, 4 * k);
+    }
+
+    #[test]
+    fn threshold_update_is_the_official_ema() {
+        let layer = layer(1.0);
+        let x = Tensor::<Flex, 3>::random([2, 8, 8], Distribution::Default, &Default::default());
+        let (_, stats) = layer.forward(x, Routing::Train);
+        let q: Vec<f32> = stats.threshold_quantile.clone().unwrap().to_data().to_vec().unwrap();
+        let layer = layer.with_updated_thresholds(&stats, &LocalReplica);
+        let thr: Vec<f32> = layer.expert_threshold.val().to_data().to_vec().unwrap();
+        for (t, q) in thr.iter().zip(&q) {
+            assert!((t - (1.0 - 0.95f32) * q).abs() < 1e-7);
+        }
+    }
+
+    #[test]
+    fn dynamic_routing_counts_tokens_above_threshold() {
+        let mut layer = layer(1.0);
+        // Threshold 0: every token is above (sigmoid > 0); threshold 1: none.
+        layer.expert_threshold = buffer(Tensor::from_floats([0.0, 1.0, 0.0, 1.0], &Default::default()));
+        let x = Tensor::<Flex, 3>::random([2, 8, 8], Distribution::Default, &Default::default());
+        let (_, stats) = layer.forward(x, Routing::Dynamic);
+        let counts: Vec<i64> = stats.tokens_per_expert.to_data().convert::<i64>().to_vec().unwrap();
+        assert_eq!(counts, vec![16, 0, 16, 0]);
+    }
+}

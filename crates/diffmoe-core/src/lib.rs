@@ -1,0 +1,39 @@
+//! DiffMoE routing: the MLP layers of the four model families of the paper
+//! (Shi et al., 2025, "DiffMoE: Dynamic Token Selection for Scalable Diffusion
+//! Transformers", Sec. 3), each computing exactly what the official PyTorch code
+//! (`KwaiVGI/DiffMoE`, `models/*.py`) computes.
+//!
+//! * [`Mlp`] and [`SwiGluMlp`]: the dense feed-forward layers.
+//! * [`ExpertBank`]: the experts of one layer, weights stacked so that all
+//!   experts run as one batched matmul.
+//! * [`TokenPool`]: gather/scatter dispatch of routed tokens.
+//! * [`DiffMoeLayer`]: the batch-level global token pool with capacity predictor.
+//! * [`ExpertChoiceLayer`]: expert choice inside each sample (EC-DiT).
+//! * [`TokenChoiceLayer`]: token choice with a load-balancing loss (TC-DiT).
+//!
+//! No layer mutates itself in `forward`: each returns [`RoutingStats`], and the
+//! caller applies the threshold update ([`DiffMoeLayer::with_updated_thresholds`]).
+
+mod activation;
+mod capacity;
+mod expert_bank;
+mod expert_choice;
+mod global_pool;
+mod mlp;
+mod routing;
+mod threshold;
+mod token_choice;
+mod token_pool;
+
+pub use activation::gelu_tanh;
+pub use capacity::{capacity_k, CapacityPredictor};
+pub use expert_bank::{ExpertBank, ExpertKind, GeluExperts, SwiGluExperts};
+pub use expert_choice::{ExpertChoiceConfig, ExpertChoiceLayer};
+pub use global_pool::{DiffMoeConfig, DiffMoeLayer};
+pub use mlp::{FeedForward, Mlp, SwiGluMlp};
+pub use routing::{Routing, RoutingStats};
+pub use threshold::{LocalReplica, ThresholdSync, THRESHOLD_EMA_DECAY};
+pub use token_choice::{TokenChoiceConfig, TokenChoiceLayer, AUX_LOSS_ALPHA};
+pub use token_pool::TokenPool;
+
+pub mod init;

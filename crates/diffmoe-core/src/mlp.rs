@@ -1,0 +1,88 @@
+//! Dense feed-forward layers: the GELU `Mlp` of DiT (timm) and the SwiGLU
+//! `MoeMLP` of the official `models/modules.py`.
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::{activation, backend::Backend, Tensor};
+
+use crate::activation::gelu_tanh;
+use crate::init;
+
+/// `fc2(gelu_tanh(fc1(x)))`, timm's `Mlp` with biases (official `Mlp`).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `fc1`: `[d_model] -> [d_hidden]`.
+    pub fc1: Linear<B>,
+    /// `fc2`: `[d_hidden] -> [d_model]`.
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// A new MLP with the official initialisation (Xavier-uniform, zero bias).
+    pub fn new(d_model: usize, d_hidden: usize, device: &B::Device) -> Self {
+        Self {
+            fc1: init::linear(d_model, d_hidden, true, device),
+            fc2: init::linear(d_hidden, d_model, true, device),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., d_model]` -> `[..., d_model]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.fc2.forward(gelu_tanh(self.fc1.forward(x)))
+    }
+}
+
+/// `down(silu(gate(x)) * up(x))` without biases (official `MoeMLP`).
+///
+/// The official layer splits the matmuls into `pretraining_tp = 2` slices and
+/// sums the two down projections; that is the same sum in another order, so it
+/// is computed here in one piece. (With `d_hidden % 2 != 0` the official code
+/// silently drops the remainder rows; no preset of the paper reaches that case.)
+#[derive(Module, Debug)]
+pub struct SwiGluMlp<B: Backend> {
+    /// `gate_proj`: `[d_model] -> [d_hidden]`.
+    pub gate_proj: Linear<B>,
+    /// `up_proj`: `[d_model] -> [d_hidden]`.
+    pub up_proj: Linear<B>,
+    /// `down_proj`: `[d_hidden] -> [d_model]`.
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> SwiGluMlp<B> {
+    /// A new SwiGLU MLP with the official initialisation (Xavier-uniform).
+    pub fn new(d_model: usize, d_hidden: usize, device: &B::Device) -> Self {
+        Self {
+            gate_proj: init::linear(d_model, d_hidden, false, device),
+            up_proj: init::linear(d_model, d_hidden, false, device),
+            down_proj: init::linear(d_hidden, d_model, false, device),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[..., d_model]` -> `[..., d_model]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// A dense feed-forward layer of either kind.
+#[derive(Module, Debug)]
+pub enum FeedForward<B: Backend> {
+    /// GELU (tanh) MLP with biases.
+    Gelu(Mlp<B>),
+    /// SwiGLU MLP without biases.
+    SwiGlu(SwiGluMlp<B>),
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// # Shapes
+    /// - `x`: `[..., d_model]` -> `[..., d_model]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Gelu(mlp) => mlp.forward(x),
+            Self::SwiGlu(mlp) => mlp.forward(x),
+        }
+    }
+}

@@ -1,0 +1,1558 @@
+//! Reader for PyTorch `torch.save` checkpoints (the zip format of torch >= 1.6).
+//!
+//! A `.pt` file is a zip archive holding `<archive>/data.pkl`, a pickle (protocol 2) that
+//! describes the saved object, and one `<archive>/data/<key>` file of raw little-endian bytes
+//! per tensor storage. Pickle is a small stack machine whose `GLOBAL`/`STACK_GLOBAL` opcodes
+//! import arbitrary Python names and whose `REDUCE`/`NEWOBJ`/`BUILD` opcodes call them, which is
+//! why `torch.load` of an untrusted file can run arbitrary code.
+//!
+//! This module interprets the opcodes itself and never imports, calls or executes anything: a
+//! global is only a symbolic `module.name` reference. A handful of references get a meaning of
+//! their own: `torch._utils._rebuild_tensor_v2` (and `_rebuild_tensor`, `_rebuild_parameter`)
+//! describe a tensor as a strided view of a storage, `collections.OrderedDict` builds a dict, and
+//! the `torch.*Storage` classes in the persistent ids of `BINPERSID` give a storage's dtype. Any
+//! other global (e.g. the `argparse.Namespace` that the official DiffMoE `train.py` stores under
+//! `args`) only produces opaque values, so such objects never make reading fail; they just cannot
+//! be requested as a state dict. Storage bytes are read only for the tensors of the requested
+//! entry, and converted to contiguous row-major `f32`.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use zip::result::ZipError;
+use zip::{CompressionMethod, ZipArchive};
+
+/// One tensor read from a checkpoint, converted to f32 (row-major, contiguous).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TorchTensor {
+    /// The tensor's sizes; empty for a 0-dim tensor.
+    pub shape: Vec<usize>,
+    /// The `shape.iter().product()` elements in row-major order.
+    pub data: Vec<f32>,
+}
+
+/// Why a torch checkpoint could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TorchCheckpointError {
+    /// The file could not be opened or read.
+    #[error("cannot read torch checkpoint {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not a zip archive (truncated, garbage, or a legacy pre-1.6 `torch.save` file).
+    #[error(
+        "{} is not a zip-based torch checkpoint (torch.save of torch >= 1.6): {source}",
+        path.display()
+    )]
+    NotZip { path: PathBuf, source: ZipError },
+    /// The zip archive has no `<archive>/data.pkl` entry.
+    #[error("{} is a zip archive without the `<archive>/data.pkl` of a torch checkpoint", path.display())]
+    NoPickle { path: PathBuf },
+    /// A zip entry the pickle refers to (a storage file) is absent.
+    #[error("{}: zip entry `{name}` is missing", path.display())]
+    MissingZipEntry { path: PathBuf, name: String },
+    /// A zip entry could not be read.
+    #[error("{}: cannot read zip entry `{name}`: {source}", path.display())]
+    Zip {
+        path: PathBuf,
+        name: String,
+        source: ZipError,
+    },
+    /// A zip entry is compressed; `torch.save` writes uncompressed (STORED) entries only.
+    #[error(
+        "{}: zip entry `{name}` is compressed ({method}); only uncompressed (STORED) entries, as \
+         torch.save writes them, are supported",
+        path.display()
+    )]
+    CompressedEntry {
+        path: PathBuf,
+        name: String,
+        method: String,
+    },
+    /// The pickle is truncated or inconsistent.
+    #[error("{}: malformed pickle at byte {offset}: {reason}", path.display())]
+    Malformed {
+        path: PathBuf,
+        offset: usize,
+        reason: String,
+    },
+    /// The pickle uses an opcode this reader does not implement.
+    #[error("{}: unsupported pickle opcode 0x{opcode:02x} at byte {offset}", path.display())]
+    UnknownOpcode {
+        path: PathBuf,
+        opcode: u8,
+        offset: usize,
+    },
+    /// The checkpoint's top-level object is not a dict.
+    #[error("{}: the top-level object is {found}, not a dict", path.display())]
+    TopLevelNotDict { path: PathBuf, found: String },
+    /// The requested top-level entry does not exist.
+    #[error(
+        "{}: no entry `{entry}` in the checkpoint; entries present: [{}]",
+        path.display(),
+        present.join(", ")
+    )]
+    MissingEntry {
+        path: PathBuf,
+        entry: String,
+        present: Vec<String>,
+    },
+    /// The requested entry is not a dict with string keys.
+    #[error("{}: {} is {found}, not a dict of tensors", path.display(), entry_label(entry))]
+    NotADict {
+        path: PathBuf,
+        entry: String,
+        found: String,
+    },
+    /// A value of the requested entry is not a (readable) tensor.
+    #[error("{}: {}, key `{key}` is {found}, not a tensor", path.display(), entry_label(entry))]
+    NotATensor {
+        path: PathBuf,
+        entry: String,
+        key: String,
+        found: String,
+    },
+    /// A tensor's storage has a dtype that cannot be converted to f32.
+    #[error(
+        "{}: {}, tensor `{tensor}` has unsupported storage type {dtype}",
+        path.display(),
+        entry_label(entry)
+    )]
+    UnsupportedDtype {
+        path: PathBuf,
+        entry: String,
+        tensor: String,
+        dtype: String,
+    },
+    /// A tensor's view reaches past the end of its storage file.
+    #[error(
+        "{}: {}, tensor `{tensor}` needs {needed} elements of storage `{storage}`, which holds \
+         {available}",
+        path.display(),
+        entry_label(entry)
+    )]
+    StorageOutOfBounds {
+        path: PathBuf,
+        entry: String,
+        tensor: String,
+        storage: String,
+        needed: u64,
+        available: u64,
+    },
+}
+
+type Error = TorchCheckpointError;
+
+/// How error messages name a top-level entry; `""` stands for the top-level object itself.
+fn entry_label(entry: &str) -> String {
+    if entry.is_empty() {
+        "the top-level object".to_owned()
+    } else {
+        format!("entry `{entry}`")
+    }
+}
+
+/// The top-level keys of the checkpoint's dict (e.g. `["model", "ema", "opt", "args"]`), in
+/// file order. Non-string keys are rendered as text (integers in decimal).
+pub fn checkpoint_entries(path: &Path) -> Result<Vec<String>, TorchCheckpointError> {
+    let checkpoint = Checkpoint::open(path)?;
+    let dict = checkpoint.top_level_dict()?;
+    let entries = dict.borrow().iter().map(|(key, _)| key_text(key)).collect();
+    Ok(entries)
+}
+
+/// The state dict under top-level key `entry` (e.g. `"model"` or `"ema"`), in file order.
+///
+/// With `entry == ""` the top-level object itself is taken as the state dict, which reads a
+/// plain `torch.save(model.state_dict())` file.
+///
+/// Errors: file missing/unreadable, not a zip torch checkpoint, entry missing (the error lists
+/// the entries present), entry not a dict of tensors, unsupported dtype. Storages of float16,
+/// bfloat16, float64, int64, int32, int16, int8, uint8 and bool are converted to f32 (integers
+/// beyond 2^24 in magnitude are rounded).
+pub fn read_state_dict(
+    path: &Path,
+    entry: &str,
+) -> Result<Vec<(String, TorchTensor)>, TorchCheckpointError> {
+    let mut checkpoint = Checkpoint::open(path)?;
+    let value = if entry.is_empty() {
+        checkpoint.root.clone()
+    } else {
+        let dict = checkpoint.top_level_dict()?;
+        let found = dict
+            .borrow()
+            .iter()
+            .find(|(key, _)| matches!(key, Value::Str(s) if s == entry))
+            .map(|(_, value)| value.clone());
+        found.ok_or_else(|| Error::MissingEntry {
+            path: path.to_path_buf(),
+            entry: entry.to_owned(),
+            present: dict.borrow().iter().map(|(key, _)| key_text(key)).collect(),
+        })?
+    };
+    let tensors = tensor_refs(path, entry, &value)?;
+
+    // Storages used by several tensors (views of one buffer) are read once.
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for (_, tensor) in &tensors {
+        *uses.entry(tensor.storage.key.as_str()).or_default() += 1;
+    }
+    let mut shared: HashMap<String, Rc<Vec<u8>>> = HashMap::new();
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, tensor) in &tensors {
+        let key = tensor.storage.key.as_str();
+        let bytes = match shared.get(key) {
+            Some(bytes) => bytes.clone(),
+            None => {
+                let bytes = Rc::new(checkpoint.storage_bytes(key)?);
+                if uses.get(key).copied().unwrap_or(0) > 1 {
+                    shared.insert(key.to_owned(), bytes.clone());
+                }
+                bytes
+            }
+        };
+        let data = tensor_data(tensor, &bytes).map_err(|failure| match failure {
+            GatherError::Dtype(dtype) => Error::UnsupportedDtype {
+                path: path.to_path_buf(),
+                entry: entry.to_owned(),
+                tensor: name.clone(),
+                dtype,
+            },
+            GatherError::OutOfBounds { needed, available } => Error::StorageOutOfBounds {
+                path: path.to_path_buf(),
+                entry: entry.to_owned(),
+                tensor: name.clone(),
+                storage: key.to_owned(),
+                needed,
+                available,
+            },
+        })?;
+        out.push((
+            name.clone(),
+            TorchTensor {
+                shape: tensor.shape.clone(),
+                data,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The names and tensor references of a state dict value, in dict order.
+fn tensor_refs(
+    path: &Path,
+    entry: &str,
+    value: &Value,
+) -> Result<Vec<(String, Rc<TensorRef>)>, Error> {
+    let Value::Dict(dict) = value else {
+        return Err(Error::NotADict {
+            path: path.to_path_buf(),
+            entry: entry.to_owned(),
+            found: value.describe(),
+        });
+    };
+    let dict = dict.borrow();
+    dict.iter()
+        .map(|(key, value)| {
+            let Value::Str(name) = key else {
+                return Err(Error::NotADict {
+                    path: path.to_path_buf(),
+                    entry: entry.to_owned(),
+                    found: format!("a dict with the non-string key `{}`", key_text(key)),
+                });
+            };
+            match value {
+                Value::Tensor(tensor) => Ok((name.clone(), tensor.clone())),
+                other => Err(Error::NotATensor {
+                    path: path.to_path_buf(),
+                    entry: entry.to_owned(),
+                    key: name.clone(),
+                    found: other.describe(),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// An open checkpoint archive with its unpickled top-level object.
+struct Checkpoint {
+    path: PathBuf,
+    archive: ZipArchive<BufReader<File>>,
+    file_len: u64,
+    /// `<archive>/`, the directory of `data.pkl` inside the zip.
+    prefix: String,
+    root: Value,
+}
+
+impl Checkpoint {
+    fn open(path: &Path) -> Result<Self, Error> {
+        let io_error = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_error)?;
+        let file_len = file.metadata().map_err(io_error)?.len();
+        let archive = ZipArchive::new(BufReader::new(file)).map_err(|source| Error::NotZip {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let pickle_name = archive
+            .file_names()
+            .find(|name| name.ends_with("/data.pkl") && name.matches('/').count() == 1)
+            .map(str::to_owned)
+            .ok_or_else(|| Error::NoPickle {
+                path: path.to_path_buf(),
+            })?;
+        let prefix = pickle_name[..pickle_name.len() - "data.pkl".len()].to_owned();
+        let mut checkpoint = Checkpoint {
+            path: path.to_path_buf(),
+            archive,
+            file_len,
+            prefix,
+            root: Value::None,
+        };
+        let pickle = checkpoint.read_entry(&pickle_name)?;
+        checkpoint.root = Unpickler::new(&pickle)
+            .load()
+            .map_err(|e| e.with_path(path))?;
+        Ok(checkpoint)
+    }
+
+    fn top_level_dict(&self) -> Result<Dict, Error> {
+        match &self.root {
+            Value::Dict(dict) => Ok(dict.clone()),
+            other => Err(Error::TopLevelNotDict {
+                path: self.path.clone(),
+                found: other.describe(),
+            }),
+        }
+    }
+
+    fn storage_bytes(&mut self, key: &str) -> Result<Vec<u8>, Error> {
+        let name = format!("{}data/{key}", self.prefix);
+        self.read_entry(&name)
+    }
+
+    /// The bytes of one zip entry, refusing compressed entries.
+    fn read_entry(&mut self, name: &str) -> Result<Vec<u8>, Error> {
+        let zip_error = |source| Error::Zip {
+            path: self.path.clone(),
+            name: name.to_owned(),
+            source,
+        };
+        let index = self
+            .archive
+            .index_for_name(name)
+            .ok_or_else(|| Error::MissingZipEntry {
+                path: self.path.clone(),
+                name: name.to_owned(),
+            })?;
+        let method = self
+            .archive
+            .by_index_raw(index)
+            .map_err(zip_error)?
+            .compression();
+        if method != CompressionMethod::Stored {
+            return Err(Error::CompressedEntry {
+                path: self.path.clone(),
+                name: name.to_owned(),
+                method: if method == CompressionMethod::DEFLATE {
+                    "DEFLATE".to_owned()
+                } else {
+                    method.to_string()
+                },
+            });
+        }
+        let mut file = self.archive.by_index(index).map_err(zip_error)?;
+        let capacity = usize::try_from(file.size().min(self.file_len)).unwrap_or(0);
+        let mut bytes = Vec::with_capacity(capacity);
+        file.read_to_end(&mut bytes).map_err(|source| Error::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(bytes)
+    }
+}
+
+/// Converts the little-endian bytes of one storage element to f32.
+type Decode = fn(&[u8]) -> f32;
+
+/// Element type of a torch storage, from its pickled class (`torch.FloatStorage`, ...).
+#[derive(Debug, Clone, PartialEq)]
+enum DType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+    Unsupported(String),
+}
+
+impl DType {
+    fn from_storage_class(module: &str, name: &str) -> DType {
+        match (module, name) {
+            ("torch", "FloatStorage") => DType::F32,
+            ("torch", "HalfStorage") => DType::F16,
+            ("torch", "BFloat16Storage") => DType::BF16,
+            ("torch", "DoubleStorage") => DType::F64,
+            ("torch", "LongStorage") => DType::I64,
+            ("torch", "IntStorage") => DType::I32,
+            ("torch", "ShortStorage") => DType::I16,
+            ("torch", "CharStorage") => DType::I8,
+            ("torch", "ByteStorage") | ("torch", "UntypedStorage") => DType::U8,
+            ("torch", "BoolStorage") => DType::Bool,
+            _ => DType::Unsupported(format!("{module}.{name}")),
+        }
+    }
+
+    /// Element size in bytes and the little-endian decoder, or the unsupported class name.
+    fn decoder(&self) -> Result<(usize, Decode), String> {
+        Ok(match self {
+            DType::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            DType::F16 => (2, |b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
+            DType::BF16 => (2, |b| {
+                f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
+            }),
+            DType::F64 => (8, |b| {
+                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+            }),
+            DType::I64 => (8, |b| {
+                i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+            }),
+            DType::I32 => (4, |b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32),
+            DType::I16 => (2, |b| f32::from(i16::from_le_bytes([b[0], b[1]]))),
+            DType::I8 => (1, |b| f32::from(b[0] as i8)),
+            DType::U8 => (1, |b| f32::from(b[0])),
+            DType::Bool => (1, |b| if b[0] != 0 { 1.0 } else { 0.0 }),
+            DType::Unsupported(class) => return Err(class.clone()),
+        })
+    }
+}
+
+/// IEEE binary16 to binary32 (exact).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exponent = u32::from((h >> 10) & 0x1f);
+    let mantissa = u32::from(h & 0x3ff);
+    match (exponent, mantissa) {
+        (0, 0) => f32::from_bits(sign),
+        (0, _) => {
+            // Subnormal: mantissa * 2^-24, exactly representable in f32.
+            let magnitude = mantissa as f32 * f32::from_bits(0x3380_0000);
+            if sign != 0 {
+                -magnitude
+            } else {
+                magnitude
+            }
+        }
+        (0x1f, _) => f32::from_bits(sign | 0x7f80_0000 | (mantissa << 13)),
+        _ => f32::from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13)),
+    }
+}
+
+/// A storage named by a persistent id: its zip key and element type.
+#[derive(Debug, Clone, PartialEq)]
+struct StorageRef {
+    key: String,
+    dtype: DType,
+}
+
+/// A strided view of a storage, as `_rebuild_tensor_v2` describes it (offsets in elements).
+#[derive(Debug, Clone, PartialEq)]
+struct TensorRef {
+    storage: Rc<StorageRef>,
+    offset: usize,
+    shape: Vec<usize>,
+    stride: Vec<usize>,
+    numel: usize,
+}
+
+enum GatherError {
+    Dtype(String),
+    OutOfBounds { needed: u64, available: u64 },
+}
+
+/// The tensor's elements in row-major order, honouring offset and strides.
+fn tensor_data(tensor: &TensorRef, bytes: &[u8]) -> Result<Vec<f32>, GatherError> {
+    let (size, decode) = tensor.storage.dtype.decoder().map_err(GatherError::Dtype)?;
+    if tensor.numel == 0 {
+        return Ok(Vec::new());
+    }
+    // Largest element index the view touches; overflow was ruled out by `rebuild_tensor`.
+    let last = tensor.offset
+        + tensor
+            .shape
+            .iter()
+            .zip(&tensor.stride)
+            .map(|(&n, &s)| (n - 1) * s)
+            .sum::<usize>();
+    let available = bytes.len() / size;
+    if last >= available {
+        return Err(GatherError::OutOfBounds {
+            needed: last as u64 + 1,
+            available: available as u64,
+        });
+    }
+    let read = |i: usize| decode(&bytes[i * size..(i + 1) * size]);
+    let mut data = Vec::with_capacity(tensor.numel);
+    let mut index = vec![0usize; tensor.shape.len()];
+    let mut position = tensor.offset;
+    for _ in 0..tensor.numel {
+        data.push(read(position));
+        // Odometer step over the multi-index, last dimension fastest. Wrapping arithmetic: a
+        // size-1 dimension may carry any stride, and the in-range result is exact regardless.
+        for dim in (0..index.len()).rev() {
+            index[dim] += 1;
+            position = position.wrapping_add(tensor.stride[dim]);
+            if index[dim] < tensor.shape[dim] {
+                break;
+            }
+            position = position.wrapping_sub(tensor.stride[dim].wrapping_mul(tensor.shape[dim]));
+            index[dim] = 0;
+        }
+    }
+    Ok(data)
+}
+
+type Dict = Rc<RefCell<Vec<(Value, Value)>>>;
+type List = Rc<RefCell<Vec<Value>>>;
+
+/// A value on the unpickler's stack. Mutable containers are shared (`Rc`) so that memo
+/// references see later `SETITEM`/`APPEND`s, as in Python.
+#[derive(Debug, Clone)]
+enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Tuple(Rc<Vec<Value>>),
+    List(List),
+    Dict(Dict),
+    Set(List),
+    /// A symbolic reference to `module.name`; never imported.
+    Global {
+        module: String,
+        name: String,
+    },
+    Storage(Rc<StorageRef>),
+    Tensor(Rc<TensorRef>),
+    /// Anything this reader gives no meaning to, described for error messages.
+    Opaque(String),
+}
+
+impl Value {
+    fn describe(&self) -> String {
+        match self {
+            Value::None => "None".into(),
+            Value::Bool(b) => format!("the bool {}", if *b { "True" } else { "False" }),
+            Value::Int(i) => format!("the int {i}"),
+            Value::Float(f) => format!("the float {f}"),
+            Value::Str(_) => "a string".into(),
+            Value::Bytes(b) => format!("a bytes object of {} bytes", b.len()),
+            Value::Tuple(_) => "a tuple".into(),
+            Value::List(_) => "a list".into(),
+            Value::Dict(_) => "a dict".into(),
+            Value::Set(_) => "a set".into(),
+            Value::Global { module, name } => format!("the global `{module}.{name}`"),
+            Value::Storage(_) => "a bare storage".into(),
+            Value::Tensor(_) => "a tensor".into(),
+            Value::Opaque(what) => what.clone(),
+        }
+    }
+
+    fn new_dict() -> Value {
+        Value::Dict(Rc::new(RefCell::new(Vec::new())))
+    }
+}
+
+/// A dict key as text: strings as they are, integers in decimal, anything else described.
+fn key_text(key: &Value) -> String {
+    match key {
+        Value::Str(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        other => other.describe(),
+    }
+}
+
+/// Python dict semantics for the key types that occur in checkpoints: a repeated key replaces.
+fn dict_insert(entries: &mut Vec<(Value, Value)>, key: Value, value: Value) {
+    let same = |k: &Value| match (k, &key) {
+        (Value::Str(a), Value::Str(b)) => a == b,
+        (Value::Int(a), Value::Int(b)) => a == b,
+        _ => false,
+    };
+    match entries.iter_mut().find(|(k, _)| same(k)) {
+        Some(slot) => slot.1 = value,
+        None => entries.push((key, value)),
+    }
+}
+
+/// `REDUCE`: gives meaning to the few known callables, never calls anything.
+fn reduce(callable: &Value, args: &Value) -> Value {
+    let Value::Global { module, name } = callable else {
+        return Value::Opaque(format!("the result of calling {}", callable.describe()));
+    };
+    let args_empty = matches!(args, Value::Tuple(items) if items.is_empty());
+    match (module.as_str(), name.as_str()) {
+        ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor") => rebuild_tensor(args)
+            .unwrap_or_else(|reason| {
+                Value::Opaque(format!("an unreadable `{module}.{name}` tensor ({reason})"))
+            }),
+        ("torch._utils", "_rebuild_parameter") => match args {
+            Value::Tuple(items) if matches!(items.first(), Some(Value::Tensor(_))) => {
+                items[0].clone()
+            }
+            _ => Value::Opaque("an unreadable `torch._utils._rebuild_parameter` tensor".into()),
+        },
+        ("collections", "OrderedDict") if args_empty => Value::new_dict(),
+        _ => Value::Opaque(format!("an opaque `{module}.{name}(...)` value")),
+    }
+}
+
+/// `NEWOBJ`: `cls.__new__(cls, ...)`, again only symbolically.
+fn new_object(class: &Value) -> Value {
+    match class {
+        Value::Global { module, name } if module == "collections" && name == "OrderedDict" => {
+            Value::new_dict()
+        }
+        Value::Global { module, name } => {
+            Value::Opaque(format!("an opaque `{module}.{name}` object"))
+        }
+        other => Value::Opaque(format!("an object of {}", other.describe())),
+    }
+}
+
+/// `_rebuild_tensor_v2(storage, storage_offset, size, stride, ...)`.
+fn rebuild_tensor(args: &Value) -> Result<Value, String> {
+    let Value::Tuple(items) = args else {
+        return Err(format!("arguments are {}", args.describe()));
+    };
+    let [storage, offset, size, stride, ..] = items.as_slice() else {
+        return Err(format!("{} arguments instead of at least 4", items.len()));
+    };
+    let Value::Storage(storage) = storage else {
+        return Err(format!("the storage argument is {}", storage.describe()));
+    };
+    let as_usize = |v: &Value| match v {
+        Value::Int(i) => usize::try_from(*i).map_err(|_| format!("negative value {i}")),
+        other => Err(format!("{} instead of an int", other.describe())),
+    };
+    let as_usizes = |v: &Value| match v {
+        Value::Tuple(items) => items.iter().map(as_usize).collect::<Result<Vec<_>, _>>(),
+        Value::List(items) => items.borrow().iter().map(as_usize).collect(),
+        other => Err(format!("{} instead of a tuple of ints", other.describe())),
+    };
+    let offset = as_usize(offset)?;
+    let shape = as_usizes(size)?;
+    let stride = as_usizes(stride)?;
+    if shape.len() != stride.len() {
+        return Err(format!(
+            "{} sizes but {} strides",
+            shape.len(),
+            stride.len()
+        ));
+    }
+    let overflow = || "sizes overflow".to_string();
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+        .ok_or_else(overflow)?;
+    if numel > 0 {
+        // Make sure the largest index (and its byte position) fits in usize.
+        shape
+            .iter()
+            .zip(&stride)
+            .try_fold(offset, |acc, (&n, &s)| {
+                acc.checked_add((n - 1).checked_mul(s)?)
+            })
+            .and_then(|last| last.checked_add(1)?.checked_mul(8))
+            .ok_or_else(overflow)?;
+    }
+    Ok(Value::Tensor(Rc::new(TensorRef {
+        storage: storage.clone(),
+        offset,
+        shape,
+        stride,
+        numel,
+    })))
+}
+
+/// `BINPERSID`: torch's `('storage', StorageClass, key, location, numel)` persistent ids.
+fn persistent_load(pid: &Value) -> Value {
+    if let Value::Tuple(items) = pid {
+        if let [Value::Str(tag), Value::Global { module, name }, Value::Str(key), ..] =
+            items.as_slice()
+        {
+            if tag == "storage" {
+                return Value::Storage(Rc::new(StorageRef {
+                    key: key.clone(),
+                    dtype: DType::from_storage_class(module, name),
+                }));
+            }
+        }
+    }
+    Value::Opaque(format!("an unsupported persistent id ({})", pid.describe()))
+}
+
+/// Pickle opcodes (see CPython's `Lib/pickletools.py`).
+mod op {
+    pub const MARK: u8 = b'(';
+    pub const STOP: u8 = b'.';
+    pub const POP: u8 = b'0';
+    pub const POP_MARK: u8 = b'1';
+    pub const DUP: u8 = b'2';
+    pub const BINBYTES: u8 = b'B';
+    pub const SHORT_BINBYTES: u8 = b'C';
+    pub const BINFLOAT: u8 = b'G';
+    pub const BININT: u8 = b'J';
+    pub const BININT1: u8 = b'K';
+    pub const BININT2: u8 = b'M';
+    pub const NONE: u8 = b'N';
+    pub const BINPERSID: u8 = b'Q';
+    pub const REDUCE: u8 = b'R';
+    pub const BINSTRING: u8 = b'T';
+    pub const SHORT_BINSTRING: u8 = b'U';
+    pub const BINUNICODE: u8 = b'X';
+    pub const EMPTY_LIST: u8 = b']';
+    pub const APPEND: u8 = b'a';
+    pub const BUILD: u8 = b'b';
+    pub const GLOBAL: u8 = b'c';
+    pub const DICT: u8 = b'd';
+    pub const APPENDS: u8 = b'e';
+    pub const BINGET: u8 = b'h';
+    pub const LONG_BINGET: u8 = b'j';
+    pub const LIST: u8 = b'l';
+    pub const BINPUT: u8 = b'q';
+    pub const LONG_BINPUT: u8 = b'r';
+    pub const SETITEM: u8 = b's';
+    pub const TUPLE: u8 = b't';
+    pub const EMPTY_TUPLE: u8 = b')';
+    pub const SETITEMS: u8 = b'u';
+    pub const EMPTY_DICT: u8 = b'}';
+    pub const PROTO: u8 = 0x80;
+    pub const NEWOBJ: u8 = 0x81;
+    pub const TUPLE1: u8 = 0x85;
+    pub const TUPLE2: u8 = 0x86;
+    pub const TUPLE3: u8 = 0x87;
+    pub const NEWTRUE: u8 = 0x88;
+    pub const NEWFALSE: u8 = 0x89;
+    pub const LONG1: u8 = 0x8a;
+    pub const LONG4: u8 = 0x8b;
+    pub const SHORT_BINUNICODE: u8 = 0x8c;
+    pub const BINUNICODE8: u8 = 0x8d;
+    pub const BINBYTES8: u8 = 0x8e;
+    pub const EMPTY_SET: u8 = 0x8f;
+    pub const ADDITEMS: u8 = 0x90;
+    pub const FROZENSET: u8 = 0x91;
+    pub const NEWOBJ_EX: u8 = 0x92;
+    pub const STACK_GLOBAL: u8 = 0x93;
+    pub const MEMOIZE: u8 = 0x94;
+    pub const FRAME: u8 = 0x95;
+}
+
+/// A pickle that could not be interpreted; gets the file path in [`PickleError::with_path`].
+#[derive(Debug)]
+enum PickleError {
+    Malformed { offset: usize, reason: String },
+    UnknownOpcode { opcode: u8, offset: usize },
+}
+
+impl PickleError {
+    fn with_path(self, path: &Path) -> Error {
+        let path = path.to_path_buf();
+        match self {
+            PickleError::Malformed { offset, reason } => Error::Malformed {
+                path,
+                offset,
+                reason,
+            },
+            PickleError::UnknownOpcode { opcode, offset } => Error::UnknownOpcode {
+                path,
+                opcode,
+                offset,
+            },
+        }
+    }
+}
+
+/// The opcode interpreter: a value stack, a stack of mark positions and the memo.
+struct Unpickler<'a> {
+    data: &'a [u8],
+    pos: usize,
+    /// Offset of the opcode being interpreted, for error messages.
+    op_start: usize,
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: HashMap<u64, Value>,
+}
+
+impl<'a> Unpickler<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Unpickler {
+            data,
+            pos: 0,
+            op_start: 0,
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+        }
+    }
+
+    fn malformed(&self, reason: impl Into<String>) -> PickleError {
+        PickleError::Malformed {
+            offset: self.op_start,
+            reason: reason.into(),
+        }
+    }
+
+    fn take(&mut self, n: u64) -> Result<&'a [u8], PickleError> {
+        let left = self.data.len() - self.pos;
+        match usize::try_from(n) {
+            Ok(n) if n <= left => {
+                let bytes = &self.data[self.pos..self.pos + n];
+                self.pos += n;
+                Ok(bytes)
+            }
+            _ => Err(self.malformed(format!("truncated: needs {n} bytes, {left} left"))),
+        }
+    }
+
+    fn take_array<const N: usize>(&mut self) -> Result<[u8; N], PickleError> {
+        let mut array = [0u8; N];
+        array.copy_from_slice(self.take(N as u64)?);
+        Ok(array)
+    }
+
+    fn byte(&mut self) -> Result<u8, PickleError> {
+        Ok(self.take_array::<1>()?[0])
+    }
+
+    fn u32_le(&mut self) -> Result<u32, PickleError> {
+        Ok(u32::from_le_bytes(self.take_array()?))
+    }
+
+    fn u64_le(&mut self) -> Result<u64, PickleError> {
+        Ok(u64::from_le_bytes(self.take_array()?))
+    }
+
+    /// A newline-terminated text argument (of `GLOBAL`).
+    fn line(&mut self) -> Result<String, PickleError> {
+        let rest = &self.data[self.pos..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| self.malformed("unterminated GLOBAL name"))?;
+        let text = std::str::from_utf8(&rest[..end])
+            .map_err(|_| self.malformed("GLOBAL name is not UTF-8"))?;
+        self.pos += end + 1;
+        Ok(text.to_owned())
+    }
+
+    fn text(&mut self, len: u64) -> Result<Value, PickleError> {
+        let bytes = self.take(len)?;
+        let text = std::str::from_utf8(bytes).map_err(|_| self.malformed("string is not UTF-8"))?;
+        Ok(Value::Str(text.to_owned()))
+    }
+
+    /// Python 2 `str`: decoded as UTF-8 like `torch.load` does, else kept as bytes.
+    fn legacy_string(&mut self, len: u64) -> Result<Value, PickleError> {
+        let bytes = self.take(len)?.to_vec();
+        Ok(match String::from_utf8(bytes) {
+            Ok(text) => Value::Str(text),
+            Err(e) => Value::Bytes(e.into_bytes()),
+        })
+    }
+
+    /// Little-endian two's complement integer of `LONG1`/`LONG4`.
+    fn long(&mut self, len: u64) -> Result<Value, PickleError> {
+        let bytes = self.take(len)?;
+        Ok(match bytes.len() {
+            0 => Value::Int(0),
+            n @ 1..=8 => {
+                let fill = if bytes[n - 1] & 0x80 != 0 { 0xff } else { 0 };
+                let mut le = [fill; 8];
+                le[..n].copy_from_slice(bytes);
+                Value::Int(i64::from_le_bytes(le))
+            }
+            _ => Value::Opaque("an int wider than 64 bits".into()),
+        })
+    }
+
+    fn pop(&mut self) -> Result<Value, PickleError> {
+        if self
+            .marks
+            .last()
+            .is_some_and(|&mark| mark >= self.stack.len())
+        {
+            return Err(self.malformed("stack underflow (popping past a MARK)"));
+        }
+        self.stack
+            .pop()
+            .ok_or_else(|| self.malformed("stack underflow"))
+    }
+
+    fn top(&self) -> Result<Value, PickleError> {
+        self.stack
+            .last()
+            .cloned()
+            .ok_or_else(|| self.malformed("stack underflow"))
+    }
+
+    /// The values pushed since the last `MARK`, removing the mark.
+    fn pop_mark(&mut self) -> Result<Vec<Value>, PickleError> {
+        let mark = self.marks.pop().ok_or_else(|| self.malformed("no MARK"))?;
+        Ok(self.stack.split_off(mark))
+    }
+
+    fn set_items(&mut self, items: Vec<Value>) -> Result<(), PickleError> {
+        if items.len() % 2 == 1 {
+            return Err(self.malformed("odd number of values for dict items"));
+        }
+        match self.top()? {
+            Value::Dict(dict) => {
+                let mut dict = dict.borrow_mut();
+                let mut items = items.into_iter();
+                while let (Some(key), Some(value)) = (items.next(), items.next()) {
+                    dict_insert(&mut dict, key, value);
+                }
+                Ok(())
+            }
+            Value::Opaque(_) => Ok(()),
+            other => Err(self.malformed(format!("dict items set on {}", other.describe()))),
+        }
+    }
+
+    fn append_items(&mut self, items: Vec<Value>) -> Result<(), PickleError> {
+        match self.top()? {
+            Value::List(list) | Value::Set(list) => {
+                list.borrow_mut().extend(items);
+                Ok(())
+            }
+            Value::Opaque(_) => Ok(()),
+            other => Err(self.malformed(format!("items appended to {}", other.describe()))),
+        }
+    }
+
+    /// The length argument of a length-prefixed opcode (strings, bytes, `LONG1`/`LONG4`).
+    fn length(&mut self, opcode: u8) -> Result<u64, PickleError> {
+        match opcode {
+            op::SHORT_BINUNICODE | op::SHORT_BINSTRING | op::SHORT_BINBYTES | op::LONG1 => {
+                Ok(self.byte()?.into())
+            }
+            op::BINUNICODE | op::BINBYTES => Ok(self.u32_le()?.into()),
+            op::BINSTRING | op::LONG4 => {
+                let len = i32::from_le_bytes(self.take_array()?);
+                u64::try_from(len).map_err(|_| self.malformed("negative length"))
+            }
+            _ => self.u64_le(),
+        }
+    }
+
+    /// Runs the pickle up to `STOP` and returns the object it built.
+    fn load(mut self) -> Result<Value, PickleError> {
+        loop {
+            self.op_start = self.pos;
+            if self.pos >= self.data.len() {
+                return Err(self.malformed("pickle ends without STOP"));
+            }
+            let opcode = self.byte()?;
+            // Each arm yields the value to push, or `continue`s after acting on the stack.
+            let value = match opcode {
+                op::STOP => return self.pop(),
+                op::PROTO => {
+                    self.byte()?;
+                    continue;
+                }
+                op::FRAME => {
+                    self.u64_le()?;
+                    continue;
+                }
+                op::MARK => {
+                    self.marks.push(self.stack.len());
+                    continue;
+                }
+                op::POP => {
+                    if self.marks.last() == Some(&self.stack.len()) {
+                        self.marks.pop();
+                    } else {
+                        self.pop()?;
+                    }
+                    continue;
+                }
+                op::POP_MARK => {
+                    self.pop_mark()?;
+                    continue;
+                }
+                op::DUP => self.top()?,
+                op::NONE => Value::None,
+                op::NEWTRUE => Value::Bool(true),
+                op::NEWFALSE => Value::Bool(false),
+                op::BININT => Value::Int(i32::from_le_bytes(self.take_array()?).into()),
+                op::BININT1 => Value::Int(self.byte()?.into()),
+                op::BININT2 => Value::Int(u16::from_le_bytes(self.take_array()?).into()),
+                op::BINFLOAT => Value::Float(f64::from_be_bytes(self.take_array()?)),
+                op::LONG1 | op::LONG4 => {
+                    let len = self.length(opcode)?;
+                    self.long(len)?
+                }
+                op::SHORT_BINUNICODE | op::BINUNICODE | op::BINUNICODE8 => {
+                    let len = self.length(opcode)?;
+                    self.text(len)?
+                }
+                op::SHORT_BINSTRING | op::BINSTRING => {
+                    let len = self.length(opcode)?;
+                    self.legacy_string(len)?
+                }
+                op::SHORT_BINBYTES | op::BINBYTES | op::BINBYTES8 => {
+                    let len = self.length(opcode)?;
+                    Value::Bytes(self.take(len)?.to_vec())
+                }
+                op::EMPTY_TUPLE => Value::Tuple(Rc::new(Vec::new())),
+                op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
+                    let n = usize::from(opcode - op::TUPLE1) + 1;
+                    let mut items = (0..n).map(|_| self.pop()).collect::<Result<Vec<_>, _>>()?;
+                    items.reverse();
+                    Value::Tuple(Rc::new(items))
+                }
+                op::TUPLE => Value::Tuple(Rc::new(self.pop_mark()?)),
+                op::EMPTY_LIST => Value::List(Rc::new(RefCell::new(Vec::new()))),
+                op::LIST => Value::List(Rc::new(RefCell::new(self.pop_mark()?))),
+                op::EMPTY_SET => Value::Set(Rc::new(RefCell::new(Vec::new()))),
+                op::FROZENSET => Value::Set(Rc::new(RefCell::new(self.pop_mark()?))),
+                op::EMPTY_DICT => Value::new_dict(),
+                op::DICT => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::new_dict());
+                    self.set_items(items)?;
+                    continue;
+                }
+                op::SETITEM => {
+                    let value = self.pop()?;
+                    let key = self.pop()?;
+                    self.set_items(vec![key, value])?;
+                    continue;
+                }
+                op::SETITEMS => {
+                    let items = self.pop_mark()?;
+                    self.set_items(items)?;
+                    continue;
+                }
+                op::APPEND => {
+                    let value = self.pop()?;
+                    self.append_items(vec![value])?;
+                    continue;
+                }
+                op::APPENDS | op::ADDITEMS => {
+                    let items = self.pop_mark()?;
+                    self.append_items(items)?;
+                    continue;
+                }
+                op::BINPUT | op::LONG_BINPUT | op::MEMOIZE => {
+                    let index = match opcode {
+                        op::BINPUT => self.byte()?.into(),
+                        op::LONG_BINPUT => self.u32_le()?.into(),
+                        _ => self.memo.len() as u64,
+                    };
+                    let value = self.top()?;
+                    self.memo.insert(index, value);
+                    continue;
+                }
+                op::BINGET | op::LONG_BINGET => {
+                    let index: u64 = match opcode {
+                        op::BINGET => self.byte()?.into(),
+                        _ => self.u32_le()?.into(),
+                    };
+                    self.memo
+                        .get(&index)
+                        .cloned()
+                        .ok_or_else(|| self.malformed(format!("memo entry {index} is missing")))?
+                }
+                op::GLOBAL => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    Value::Global { module, name }
+                }
+                op::STACK_GLOBAL => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    let (Value::Str(module), Value::Str(name)) = (module, name) else {
+                        return Err(self.malformed("STACK_GLOBAL needs two strings"));
+                    };
+                    Value::Global { module, name }
+                }
+                op::REDUCE => {
+                    let args = self.pop()?;
+                    let callable = self.pop()?;
+                    reduce(&callable, &args)
+                }
+                op::NEWOBJ | op::NEWOBJ_EX => {
+                    if opcode == op::NEWOBJ_EX {
+                        self.pop()?; // keyword arguments
+                    }
+                    self.pop()?; // positional arguments
+                    let class = self.pop()?;
+                    new_object(&class)
+                }
+                op::BUILD => {
+                    // `__setstate__`: object state (e.g. a state dict's `_metadata`) is ignored.
+                    self.pop()?;
+                    self.top()?;
+                    continue;
+                }
+                op::BINPERSID => {
+                    let pid = self.pop()?;
+                    persistent_load(&pid)
+                }
+                _ => {
+                    return Err(PickleError::UnknownOpcode {
+                        opcode,
+                        offset: self.op_start,
+                    })
+                }
+            };
+            self.stack.push(value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Cursor, Write};
+
+    fn shared_dir() -> PathBuf {
+        match std::env::var_os("DIFFMOE_SHARED") {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")),
+        }
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        shared_dir().join("fixtures/checkpoints").join(name)
+    }
+
+    /// A fresh scratch directory under the system temp dir.
+    fn temp_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "diffmoe_torch_checkpoint_{}_{test}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Emits the pickle opcodes of a hand-built checkpoint.
+    #[derive(Default)]
+    struct Pickle(Vec<u8>);
+
+    impl Pickle {
+        fn op(&mut self, opcode: u8) -> &mut Self {
+            self.0.push(opcode);
+            self
+        }
+        fn str(&mut self, text: &str) -> &mut Self {
+            self.op(op::BINUNICODE);
+            self.0.extend((text.len() as u32).to_le_bytes());
+            self.0.extend(text.as_bytes());
+            self
+        }
+        fn int(&mut self, value: i32) -> &mut Self {
+            self.op(op::BININT);
+            self.0.extend(value.to_le_bytes());
+            self
+        }
+        fn global(&mut self, module: &str, name: &str) -> &mut Self {
+            self.op(op::GLOBAL);
+            self.0.extend(format!("{module}\n{name}\n").as_bytes());
+            self
+        }
+        fn ints(&mut self, values: &[i32]) -> &mut Self {
+            self.op(op::MARK);
+            for &v in values {
+                self.int(v);
+            }
+            self.op(op::TUPLE)
+        }
+        /// `_rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())`.
+        fn tensor(&mut self, class: &str, key: &str, offset: i32, size: &[i32], stride: &[i32]) {
+            self.global("torch._utils", "_rebuild_tensor_v2")
+                .op(op::MARK);
+            self.op(op::MARK)
+                .str("storage")
+                .global("torch", class)
+                .str(key)
+                .str("cpu");
+            self.int(0).op(op::TUPLE).op(op::BINPERSID);
+            self.int(offset).ints(size).ints(stride).op(op::NEWFALSE);
+            self.global("collections", "OrderedDict")
+                .op(op::EMPTY_TUPLE)
+                .op(op::REDUCE);
+            self.op(op::TUPLE).op(op::REDUCE);
+        }
+        /// An `OrderedDict` state dict exercising strides, offsets, 0-dim and dtypes.
+        fn state_dict(&mut self) {
+            self.global("collections", "OrderedDict")
+                .op(op::BINPUT)
+                .op(0);
+            self.op(op::EMPTY_TUPLE).op(op::REDUCE).op(op::MARK);
+            self.str("strided");
+            self.tensor("FloatStorage", "0", 1, &[2, 3], &[1, 4]);
+            self.str("scalar");
+            self.tensor("FloatStorage", "0", 7, &[], &[]);
+            self.str("broadcast");
+            self.tensor("FloatStorage", "0", 2, &[2, 1, 2], &[0, 1000, 3]);
+            self.str("half");
+            self.tensor("HalfStorage", "1", 1, &[2], &[1]);
+            self.str("long");
+            self.tensor("LongStorage", "2", 0, &[2], &[1]);
+            self.op(op::SETITEMS);
+            // A state dict's `_metadata` attribute arrives through BUILD.
+            self.op(op::EMPTY_DICT)
+                .str("_metadata")
+                .op(op::BINGET)
+                .op(0);
+            self.op(op::EMPTY_TUPLE)
+                .op(op::REDUCE)
+                .op(op::SETITEM)
+                .op(op::BUILD);
+        }
+        /// `{"model": state_dict, "args": Namespace(lr=0.5), "evil": os.system("...")}`.
+        fn checkpoint(&mut self) {
+            self.op(op::PROTO).op(2).op(op::EMPTY_DICT).op(op::MARK);
+            self.str("model");
+            self.state_dict();
+            self.str("args").global("argparse", "Namespace");
+            self.op(op::EMPTY_TUPLE)
+                .op(op::NEWOBJ)
+                .op(op::EMPTY_DICT)
+                .str("lr");
+            self.op(op::BINFLOAT).0.extend(0.5f64.to_be_bytes());
+            self.op(op::SETITEM).op(op::BUILD);
+            self.str("evil")
+                .global("os", "system")
+                .str("touch /tmp/pwned");
+            self.op(op::TUPLE1).op(op::REDUCE);
+            self.op(op::SETITEMS).op(op::STOP);
+        }
+    }
+
+    fn storages() -> Vec<(&'static str, Vec<u8>)> {
+        let floats: Vec<u8> = (0..12).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        // f16: 1.0, -2.0, 6.1035156e-05 (min normal), 5.9604645e-08 (min subnormal).
+        let halves: Vec<u8> = [0x3c00u16, 0xc000, 0x0400, 0x0001]
+            .iter()
+            .flat_map(|h| h.to_le_bytes())
+            .collect();
+        let longs: Vec<u8> = [-3i64, 1 << 20]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        vec![("0", floats), ("1", halves), ("2", longs)]
+    }
+
+    fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
+        let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let options =
+            zip::write::SimpleFileOptions::default().compression_method(CompressionMethod::Stored);
+        for (name, bytes) in entries {
+            zip.start_file(name.as_str(), options).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        std::fs::write(path, zip.finish().unwrap().into_inner()).unwrap();
+    }
+
+    fn write_checkpoint(path: &Path, pickle: &[u8]) {
+        let mut entries = vec![
+            ("ckpt/data.pkl".to_string(), pickle.to_vec()),
+            ("ckpt/version".to_string(), b"3\n".to_vec()),
+        ];
+        for (key, bytes) in storages() {
+            entries.push((format!("ckpt/data/{key}"), bytes));
+        }
+        write_zip(path, &entries);
+    }
+
+    fn check_hand_built_state_dict(tensors: &[(String, TorchTensor)]) {
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["strided", "scalar", "broadcast", "half", "long"]);
+        let t = |shape: &[usize], data: &[f32]| TorchTensor {
+            shape: shape.to_vec(),
+            data: data.to_vec(),
+        };
+        // element [i][j] = storage[1 + i + 4 j]
+        assert_eq!(tensors[0].1, t(&[2, 3], &[1., 5., 9., 2., 6., 10.]));
+        assert_eq!(tensors[1].1, t(&[], &[7.]));
+        assert_eq!(tensors[2].1, t(&[2, 1, 2], &[2., 5., 2., 5.]));
+        assert_eq!(tensors[3].1, t(&[2], &[-2., 6.1035156e-05]));
+        assert_eq!(tensors[4].1, t(&[2], &[-3., 1048576.]));
+    }
+
+    #[test]
+    fn ema_matches_safetensors_export() {
+        let tensors = read_state_dict(&fixture("official_train_checkpoint.pt"), "ema").unwrap();
+        let bytes = std::fs::read(fixture("official_train_checkpoint.ema.safetensors")).unwrap();
+        let expected = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(tensors.len(), expected.len());
+        let mut seen = std::collections::HashSet::new();
+        for (name, tensor) in &tensors {
+            assert!(seen.insert(name.as_str()), "duplicate tensor {name}");
+            let view = expected.tensor(name).unwrap();
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            assert_eq!(tensor.shape, view.shape(), "{name}");
+            let data: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&tensor.data), bits(&data), "{name}");
+        }
+        // `model` holds the unperturbed weights: same names, different trainable values.
+        let model = read_state_dict(&fixture("official_train_checkpoint.pt"), "model").unwrap();
+        let model_names: Vec<&String> = model.iter().map(|(n, _)| n).collect();
+        let ema_names: Vec<&String> = tensors.iter().map(|(n, _)| n).collect();
+        assert_eq!(model_names, ema_names);
+        assert!(model.iter().zip(&tensors).any(|(m, e)| m.1 != e.1));
+    }
+
+    #[test]
+    fn lists_official_entries() {
+        let entries = checkpoint_entries(&fixture("official_train_checkpoint.pt")).unwrap();
+        assert_eq!(entries, ["model", "ema", "opt", "args"]);
+    }
+
+    #[test]
+    fn missing_entry_lists_present_ones() {
+        let path = fixture("official_train_checkpoint.pt");
+        let err = read_state_dict(&path, "ema_model").unwrap_err();
+        match &err {
+            TorchCheckpointError::MissingEntry { entry, present, .. } => {
+                assert_eq!(entry, "ema_model");
+                assert_eq!(present, &["model", "ema", "opt", "args"]);
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+        assert!(err.to_string().contains("model, ema, opt, args"), "{err}");
+        // Present but not a state dict: `args` is an opaque Namespace, `opt` nests dicts.
+        let err = read_state_dict(&path, "args").unwrap_err();
+        assert!(
+            matches!(err, TorchCheckpointError::NotADict { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("argparse.Namespace"), "{err}");
+        let err = read_state_dict(&path, "opt").unwrap_err();
+        assert!(
+            matches!(err, TorchCheckpointError::NotATensor { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_and_garbage_files_are_errors() {
+        let dir = temp_dir("truncated");
+        let full = std::fs::read(fixture("official_train_checkpoint.pt")).unwrap();
+        let truncated = dir.join("truncated.pt");
+        std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+        let err = read_state_dict(&truncated, "ema").unwrap_err();
+        assert!(matches!(err, TorchCheckpointError::NotZip { .. }), "{err}");
+
+        let garbage = dir.join("garbage.pt");
+        std::fs::write(&garbage, b"\x80\x02}q\x00this is not a zip archive").unwrap();
+        let err = checkpoint_entries(&garbage).unwrap_err();
+        assert!(matches!(err, TorchCheckpointError::NotZip { .. }), "{err}");
+
+        let missing = dir.join("missing.pt");
+        let err = read_state_dict(&missing, "ema").unwrap_err();
+        assert!(matches!(err, TorchCheckpointError::Io { .. }), "{err}");
+
+        // A valid zip whose pickle is cut short.
+        let mut pickle = Pickle::default();
+        pickle.checkpoint();
+        let cut = dir.join("cut_pickle.pt");
+        write_checkpoint(&cut, &pickle.0[..pickle.0.len() / 2]);
+        let err = read_state_dict(&cut, "model").unwrap_err();
+        assert!(
+            matches!(err, TorchCheckpointError::Malformed { .. }),
+            "{err}"
+        );
+
+        // A zip without data.pkl.
+        let other = dir.join("other.zip");
+        write_zip(&other, &[("readme.txt".to_string(), b"hi".to_vec())]);
+        let err = checkpoint_entries(&other).unwrap_err();
+        assert!(
+            matches!(err, TorchCheckpointError::NoPickle { .. }),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hand_built_checkpoint_with_strides_and_offsets() {
+        let dir = temp_dir("hand_built");
+        let mut pickle = Pickle::default();
+        pickle.checkpoint();
+        let path = dir.join("ckpt.pt");
+        write_checkpoint(&path, &pickle.0);
+        assert_eq!(
+            checkpoint_entries(&path).unwrap(),
+            ["model", "args", "evil"]
+        );
+        check_hand_built_state_dict(&read_state_dict(&path, "model").unwrap());
+        // The `os.system` call was never executed, only recorded as an opaque value.
+        let err = read_state_dict(&path, "evil").unwrap_err();
+        assert!(err.to_string().contains("os.system"), "{err}");
+
+        // A plain `torch.save(model.state_dict())` file is read with entry "".
+        let mut plain = Pickle::default();
+        plain.op(op::PROTO).op(2);
+        plain.state_dict();
+        plain.op(op::STOP);
+        let plain_path = dir.join("plain.pt");
+        write_checkpoint(&plain_path, &plain.0);
+        check_hand_built_state_dict(&read_state_dict(&plain_path, "").unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn out_of_bounds_view_and_unsupported_dtype_are_errors() {
+        let dir = temp_dir("bounds");
+        let mut pickle = Pickle::default();
+        pickle.op(op::PROTO).op(2).op(op::EMPTY_DICT);
+        pickle.str("w").tensor("FloatStorage", "0", 10, &[3], &[1]);
+        pickle.op(op::SETITEM).op(op::STOP);
+        let path = dir.join("bounds.pt");
+        write_checkpoint(&path, &pickle.0);
+        let err = read_state_dict(&path, "").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TorchCheckpointError::StorageOutOfBounds {
+                    needed: 13,
+                    available: 12,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let mut pickle = Pickle::default();
+        pickle.op(op::PROTO).op(2).op(op::EMPTY_DICT);
+        pickle
+            .str("w")
+            .tensor("ComplexFloatStorage", "0", 0, &[3], &[1]);
+        pickle.op(op::SETITEM).op(op::STOP);
+        write_checkpoint(&path, &pickle.0);
+        let err = read_state_dict(&path, "").unwrap_err();
+        assert!(
+            matches!(err, TorchCheckpointError::UnsupportedDtype { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("torch.ComplexFloatStorage"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn compressed_entry_is_refused() {
+        let dir = temp_dir("deflate");
+        let mut pickle = Pickle::default();
+        pickle.op(op::PROTO).op(2).op(op::EMPTY_DICT).op(op::STOP);
+        let path = dir.join("deflated.pt");
+        write_zip(&path, &[("ckpt/data.pkl".to_string(), pickle.0)]);
+        // Mark the entry DEFLATE in its local and central headers.
+        let mut bytes = std::fs::read(&path).unwrap();
+        for (signature, field) in [(b"PK\x03\x04", 8), (b"PK\x01\x02", 10)] {
+            let at = bytes.windows(4).position(|w| w == signature).unwrap();
+            bytes[at + field..at + field + 2].copy_from_slice(&8u16.to_le_bytes());
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let err = checkpoint_entries(&path).unwrap_err();
+        assert!(
+            matches!(err, TorchCheckpointError::CompressedEntry { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("`ckpt/data.pkl` is compressed (DEFLATE)"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unpickler_opcodes() {
+        // STACK_GLOBAL, MEMOIZE, LONG1, DUP, POP, POP_MARK, LIST, DICT, FROZENSET, SHORT_BINUNICODE.
+        let mut p = Pickle::default();
+        p.op(op::PROTO).op(4).op(op::MARK);
+        p.op(op::SHORT_BINUNICODE).op(1).op(b'k').op(op::MEMOIZE);
+        p.op(op::LONG1).op(2).op(0x00).op(0xff); // -256
+        p.op(op::SHORT_BINUNICODE).op(3).0.extend(b"set");
+        p.op(op::MARK)
+            .op(op::NONE)
+            .op(op::NEWTRUE)
+            .op(op::FROZENSET);
+        p.op(op::SHORT_BINUNICODE).op(1).op(b'g');
+        p.op(op::SHORT_BINUNICODE).op(8).0.extend(b"builtins");
+        p.op(op::SHORT_BINUNICODE).op(4).0.extend(b"eval");
+        p.op(op::STACK_GLOBAL).op(op::DUP).op(op::POP);
+        p.op(op::MARK).op(op::NONE).op(op::POP_MARK);
+        p.op(op::DICT).op(op::STOP);
+        let value = Unpickler::new(&p.0).load().unwrap();
+        let Value::Dict(dict) = value else {
+            panic!("{value:?}")
+        };
+        let dict = dict.borrow();
+        assert_eq!(dict.len(), 3);
+        assert!(matches!((&dict[0].0, &dict[0].1), (Value::Str(k), Value::Int(-256)) if k == "k"));
+        assert!(matches!(&dict[1].1, Value::Set(s) if s.borrow().len() == 2));
+        assert!(
+            matches!(&dict[2].1, Value::Global { module, name } if module == "builtins" && name == "eval")
+        );
+
+        // Unknown opcode: named with its offset.
+        let err = Unpickler::new(b"\x80\x02N\xffN.").load().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PickleError::UnknownOpcode {
+                    opcode: 0xff,
+                    offset: 3
+                }
+            ),
+            "{err:?}"
+        );
+        // Missing STOP, memo miss and stack underflow are malformed.
+        for bad in [&b"\x80\x02N"[..], b"h\x05.", b"\x80\x02s."] {
+            let err = Unpickler::new(bad).load().unwrap_err();
+            assert!(matches!(err, PickleError::Malformed { .. }), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn half_precision_conversion() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 5.9604645e-08);
+        assert_eq!(f16_to_f32(0x8001), -5.9604645e-08);
+        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+        assert!(f16_to_f32(0x7e00).is_nan());
+        assert_eq!(f16_to_f32(0x8000).to_bits(), (-0.0f32).to_bits());
+    }
+}
