@@ -1,1 +1,89 @@
-fn main() {}
+//! Development tasks: `cargo xtask parity [DIR]` checks this port against the
+//! official implementation's fixtures; `cargo xtask configs` writes the
+//! preset TOML files of `configs/`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use diffmoe_train::parity::{any_failed, check_dir, format_report};
+
+#[cfg(feature = "cuda")]
+type Backend = burn::backend::Autodiff<burn::backend::Cuda>;
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+type Backend = burn::backend::Autodiff<burn::backend::Wgpu>;
+#[cfg(all(feature = "flex", not(any(feature = "cuda", feature = "wgpu"))))]
+type Backend = burn::backend::Autodiff<burn::backend::Flex>;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check every case of DIR/index.json against this port; exits non-zero on any failure.
+    Parity {
+        /// A directory in the format of shared/fixtures/parity/README.md.
+        #[arg(default_value = "../shared/fixtures/parity")]
+        dir: PathBuf,
+    },
+    /// Write configs/<name>.toml for the paper's table rows and the tiny presets.
+    Configs {
+        /// Output directory.
+        #[arg(long, default_value = "configs")]
+        out: PathBuf,
+    },
+}
+
+/// The configs/ files: one per row of the paper's tables, and the tiny presets.
+const CONFIG_FILES: &[&str] = &[
+    "dense-dit-s-flow",
+    "dense-dit-b-flow",
+    "dense-dit-l-flow",
+    "dense-dit-xl-flow",
+    "tc-dit-l-e16-flow",
+    "ec-dit-l-e16-flow",
+    "diffmoe-s-e16-flow",
+    "diffmoe-b-e16-flow",
+    "diffmoe-l-e8-flow",
+    "diffmoe-l-e16-flow",
+    "dense-dit-l-ddpm",
+    "dense-dit-xl-ddpm",
+    "tc-dit-l-e16-ddpm",
+    "ec-dit-l-e16-ddpm",
+    "diffmoe-l-e16-ddpm",
+    "dense-dit-tiny-flow",
+    "tc-dit-tiny-e8-flow",
+    "ec-dit-tiny-e8-flow",
+    "diffmoe-tiny-e8-flow",
+    "dense-dit-tiny-ddpm",
+    "diffmoe-tiny-e8-ddpm",
+];
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Parity { dir } => {
+            let device = Default::default();
+            let rows = check_dir::<Backend>(&dir, &device).with_context(|| format!("parity on {}", dir.display()))?;
+            print!("{}", format_report(&rows));
+            if any_failed(&rows) {
+                bail!("parity failed");
+            }
+            println!("parity: all checked groups within tolerance");
+        }
+        Command::Configs { out } => {
+            std::fs::create_dir_all(&out)?;
+            for name in CONFIG_FILES {
+                let run = diffmoe_model::preset(name).with_context(|| format!("no preset {name}"))?;
+                let path = out.join(format!("{name}.toml"));
+                std::fs::write(&path, run.to_toml())?;
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,71 @@
-fn main() {}
+//! The `diffmoe` command line: parses arguments and calls the library crates.
+
+mod backend;
+mod info;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use diffmoe_model::{load_weights, preset_names, save_weights, RunConfig, WeightSource};
+
+#[derive(Parser)]
+#[command(name = "diffmoe", version, about = "DiffMoE diffusion transformers on burn")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parameter counts (total, activated per token, per module) of a preset or config file.
+    Info {
+        /// A preset name (see `diffmoe presets`) or a TOML config file.
+        config: String,
+        /// Print only the totals.
+        #[arg(long)]
+        brief: bool,
+    },
+    /// List the presets.
+    Presets,
+    /// Convert official weights (`.safetensors` or a `train.py` checkpoint `.pt`)
+    /// into this project's safetensors format (the config stored inside).
+    Convert {
+        /// The official weight file.
+        weights: PathBuf,
+        /// Preset or config file describing the network.
+        #[arg(long)]
+        config: String,
+        /// Read the EMA weights of a `.pt` checkpoint instead of `model`.
+        #[arg(long)]
+        ema: bool,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Info { config, brief } => {
+            let run = RunConfig::resolve(&config)?;
+            print!("{}", info::report(&run, !brief));
+        }
+        Command::Presets => {
+            for name in preset_names() {
+                println!("{name}");
+            }
+        }
+        Command::Convert { weights, config, ema, out } => {
+            let run = RunConfig::resolve(&config)?;
+            let source = if ema { WeightSource::Ema } else { WeightSource::Model };
+            let device = Default::default();
+            let model = load_weights::<backend::Backend>(&weights, Some(&run.model), source, &device)
+                .with_context(|| format!("loading {}", weights.display()))?;
+            save_weights(&model, &out).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} ({} weights of {})", out.display(), if ema { "EMA" } else { "model" }, run.name);
+        }
+    }
+    Ok(())
+}

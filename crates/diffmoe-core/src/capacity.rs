@@ -27,10 +27,7 @@ pub struct CapacityPredictor<B: Backend> {
 impl<B: Backend> CapacityPredictor<B> {
     /// A predictor with the official initialisation (Xavier-uniform, zero bias).
     pub fn new(d_model: usize, n_experts: usize, device: &B::Device) -> Self {
-        Self {
-            fc1: init::linear(d_model, d_model, true, device),
-            fc2: init::linear(d_model, n_experts, true, device),
-        }
+        Self { fc1: init::linear(d_model, d_model, true, device), fc2: init::linear(d_model, n_experts, true, device) }
     }
 
     /// The input is detached here, so the predictor learns only from its own

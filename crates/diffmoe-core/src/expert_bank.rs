@@ -54,13 +54,7 @@ pub enum ExpertBank<B: Backend> {
 impl<B: Backend> ExpertBank<B> {
     /// A bank with the official initialisation: every expert `nn.Linear` is
     /// Xavier-uniform with zero bias (`_basic_init`).
-    pub fn new(
-        kind: ExpertKind,
-        n_experts: usize,
-        d_model: usize,
-        d_hidden: usize,
-        device: &B::Device,
-    ) -> Self {
+    pub fn new(kind: ExpertKind, n_experts: usize, d_model: usize, d_hidden: usize, device: &B::Device) -> Self {
         let up = |d: &B::Device| {
             Param::from_tensor(init::xavier_uniform([n_experts, d_model, d_hidden], d_model, d_hidden, d))
         };
@@ -74,11 +68,9 @@ impl<B: Backend> ExpertBank<B> {
                 fc2_weight: down(device),
                 fc2_bias: Param::from_tensor(Tensor::zeros([n_experts, d_model], device)),
             }),
-            ExpertKind::SwiGlu => Self::SwiGlu(SwiGluExperts {
-                gate_proj: up(device),
-                up_proj: up(device),
-                down_proj: down(device),
-            }),
+            ExpertKind::SwiGlu => {
+                Self::SwiGlu(SwiGluExperts { gate_proj: up(device), up_proj: up(device), down_proj: down(device) })
+            }
         }
     }
 
@@ -111,7 +103,8 @@ impl<B: Backend> ExpertBank<B> {
         match self {
             Self::Gelu(e) => {
                 let h = x.matmul(e.fc1_weight.val()) + e.fc1_bias.val().unsqueeze_dim(1); // [E, K, H]
-                gelu_tanh(h).matmul(e.fc2_weight.val()) + e.fc2_bias.val().unsqueeze_dim(1) // [E, K, D]
+                gelu_tanh(h).matmul(e.fc2_weight.val()) + e.fc2_bias.val().unsqueeze_dim(1)
+                // [E, K, D]
             }
             Self::SwiGlu(e) => {
                 let gate = activation::silu(x.clone().matmul(e.gate_proj.val())); // [E, K, H]

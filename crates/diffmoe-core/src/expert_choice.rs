@@ -80,7 +80,7 @@ impl<B: Backend> ExpertChoiceLayer<B> {
             .swap_dims(1, 2); // [N, E, T]
         let (_, local) = scores.clone().detach().topk_with_indices(k, 2); // [N, E, k]
         let weights = scores.gather(2, local.clone()); // [N, E, k]
-        // Sample-local token indices to pool rows: s = n * tokens + t.
+                                                       // Sample-local token indices to pool rows: s = n * tokens + t.
         let offset = Tensor::<B, 1, Int>::arange(0..batch as i64, &device).mul_scalar(tokens as i64);
         let rows = local + offset.reshape([batch, 1, 1]); // [N, E, k]
         let rows = rows.swap_dims(0, 1).reshape([n_experts, batch * k]); // [E, N*k]

@@ -106,8 +106,7 @@ impl<B: Backend> DiffMoeLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, routing: Routing) -> (Tensor<B, 3>, RoutingStats<B>) {
         let pool = TokenPool::new(x.clone());
         let logits = self.capacity_predictor.forward(pool.x.clone()); // [S, E]
-        let scores = activation::softmax(pool.x.clone().matmul(self.gate_weight.val().transpose()), 1)
-            .transpose(); // [E, S]
+        let scores = activation::softmax(pool.x.clone().matmul(self.gate_weight.val().transpose()), 1).transpose(); // [E, S]
         let (y, stats) = match routing {
             Routing::Train | Routing::Static => self.route_top_k(&pool, scores, logits),
             Routing::Dynamic => self.route_dynamic(&pool, scores, logits),
@@ -121,7 +120,12 @@ impl<B: Backend> DiffMoeLayer<B> {
     }
 
     /// Training and static routing: every expert takes its top-k of the pool.
-    fn route_top_k(&self, pool: &TokenPool<B>, scores: Tensor<B, 2>, logits: Tensor<B, 2>) -> (Tensor<B, 2>, RoutingStats<B>) {
+    fn route_top_k(
+        &self,
+        pool: &TokenPool<B>,
+        scores: Tensor<B, 2>,
+        logits: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, RoutingStats<B>) {
         let k = capacity_k(pool.len(), self.n_experts(), self.capacity);
         assert!(k >= 1, "DiffMoE capacity {} gives k = 0 for a pool of {} tokens", self.capacity, pool.len());
         let (_, indices) = scores.clone().detach().topk_with_indices(k, 1); // [E, k]
@@ -139,13 +143,18 @@ impl<B: Backend> DiffMoeLayer<B> {
     /// The top-`k_e` of a descending top-`max_e k_e` are its first `k_e`
     /// entries, so all experts still run as one batched matmul, the slots past
     /// `k_e` weighted by zero.
-    fn route_dynamic(&self, pool: &TokenPool<B>, scores: Tensor<B, 2>, logits: Tensor<B, 2>) -> (Tensor<B, 2>, RoutingStats<B>) {
+    fn route_dynamic(
+        &self,
+        pool: &TokenPool<B>,
+        scores: Tensor<B, 2>,
+        logits: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, RoutingStats<B>) {
         let n_experts = self.n_experts();
         let device = pool.x.device();
         let thresholds = self.expert_threshold.val().unsqueeze_dim::<2>(0); // [1, E]
         let above = activation::sigmoid(logits.clone()).greater(thresholds); // [S, E]
         let counts = above.int().sum_dim(0).reshape([n_experts]); // [E]
-        // The one host synchronisation of this layer: the size of the expert batch.
+                                                                  // The one host synchronisation of this layer: the size of the expert batch.
         let k_max = counts.clone().max().into_scalar().elem::<i64>().max(0) as usize;
         let (y, mut stats) = if k_max == 0 {
             let d_model = pool.x.dims()[1];
@@ -171,7 +180,8 @@ impl<B: Backend> DiffMoeLayer<B> {
     /// # Shapes
     /// - `quantile`: `[n_experts]` -> `[n_experts]`
     pub fn updated_thresholds(&self, quantile: Tensor<B, 1>, sync: &impl ThresholdSync<B>) -> Tensor<B, 1> {
-        let updated = ema_update(self.expert_threshold.val().detach(), self.ema_decay.val().detach(), quantile.detach());
+        let updated =
+            ema_update(self.expert_threshold.val().detach(), self.ema_decay.val().detach(), quantile.detach());
         sync.mean_across_replicas(updated)
     }
 

@@ -20,10 +20,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// A new MLP with the official initialisation (Xavier-uniform, zero bias).
     pub fn new(d_model: usize, d_hidden: usize, device: &B::Device) -> Self {
-        Self {
-            fc1: init::linear(d_model, d_hidden, true, device),
-            fc2: init::linear(d_hidden, d_model, true, device),
-        }
+        Self { fc1: init::linear(d_model, d_hidden, true, device), fc2: init::linear(d_hidden, d_model, true, device) }
     }
 
     /// # Shapes

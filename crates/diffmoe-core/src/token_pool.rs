@@ -45,12 +45,7 @@ impl<B: Backend> TokenPool<B> {
     /// # Shapes
     /// - `indices`: `[n_experts, k]` pool rows, `weights`: `[n_experts, k]`
     /// - returns `[batch * tokens, d_model]`
-    pub fn dispatch(
-        &self,
-        experts: &ExpertBank<B>,
-        indices: Tensor<B, 2, Int>,
-        weights: Tensor<B, 2>,
-    ) -> Tensor<B, 2> {
+    pub fn dispatch(&self, experts: &ExpertBank<B>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
         let [n_experts, k] = indices.dims();
         let d_model = self.x.dims()[1];
         let flat = indices.reshape([n_experts * k]);

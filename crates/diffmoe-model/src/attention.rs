@@ -37,11 +37,7 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [n, t, _] = x.dims();
         let (h, hd) = (self.num_heads, self.head_dim);
-        let qkv = self
-            .qkv
-            .forward(x)
-            .reshape([n, t, 3, h, hd])
-            .permute([2, 0, 3, 1, 4]); // [3, N, H, T, hd]
+        let qkv = self.qkv.forward(x).reshape([n, t, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, N, H, T, hd]
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([n, h, t, hd]);
         let (q, k, v) = (part(0), part(1), part(2));
         let scale = (hd as f64).powf(-0.5);

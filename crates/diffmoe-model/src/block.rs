@@ -5,9 +5,7 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{activation, backend::Backend, Tensor};
 
-use diffmoe_core::{
-    DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats, TokenChoiceLayer,
-};
+use diffmoe_core::{DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats, TokenChoiceLayer};
 
 use crate::attention::Attention;
 

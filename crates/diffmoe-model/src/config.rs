@@ -248,11 +248,9 @@ impl DiTConfig {
         }
         match (self.family, &self.moe) {
             (Family::Dense, None) => Ok(()),
-            (Family::Dense, Some(_)) => Err(ConfigError::invalid(
-                "model.moe",
-                "a [model.moe] table",
-                "must be absent for family = \"dense\"",
-            )),
+            (Family::Dense, Some(_)) => {
+                Err(ConfigError::invalid("model.moe", "a [model.moe] table", "must be absent for family = \"dense\""))
+            }
             (family, None) => Err(ConfigError::invalid(
                 "model.moe",
                 "nothing",
@@ -283,7 +281,10 @@ impl DiTConfig {
                     return Err(ConfigError::invalid(
                         "model.moe.capacity",
                         moe.capacity,
-                        format!("for TC-DiT it is the number of experts per token: an integer in 1..={}", moe.num_experts),
+                        format!(
+                            "for TC-DiT it is the number of experts per token: an integer in 1..={}",
+                            moe.num_experts
+                        ),
                     ));
                 }
                 if moe.n_shared_experts == Some(0) {
@@ -386,5 +387,81 @@ impl RunConfig {
             return Self::from_toml(&text, path);
         }
         Err(ConfigError::Unknown { name: name_or_path.to_string(), presets: preset::preset_names().join(", ") })
+    }
+}
+
+impl DiTConfig {
+    /// The config of an official `DiT(**kwargs)` of the given family, from its
+    /// keyword arguments as JSON (as the parity fixtures and the official YAML
+    /// configs hold them: `hidden_size`, `use_swiglu`, `MoE_config`,
+    /// `CapacityPred_loss_weight`, ...). Official defaults fill absent keys.
+    pub fn from_official_kwargs(family: Family, kwargs: &serde_json::Value) -> Result<Self, ConfigError> {
+        let get = |k: &str| kwargs.get(k).filter(|v| !v.is_null());
+        let uint = |k: &str, default: Option<usize>| -> Result<usize, ConfigError> {
+            match get(k) {
+                Some(v) => v
+                    .as_u64()
+                    .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))
+                    .map(|u| u as usize)
+                    .ok_or_else(|| ConfigError::invalid(k, v, "must be a non-negative integer")),
+                None => default.ok_or_else(|| ConfigError::invalid(k, "nothing", "is required")),
+            }
+        };
+        let float = |k: &str, default: f64| -> Result<f64, ConfigError> {
+            match get(k) {
+                Some(v) => v.as_f64().ok_or_else(|| ConfigError::invalid(k, v, "must be a number")),
+                None => Ok(default),
+            }
+        };
+        let flag = |k: &str, default: bool| -> Result<bool, ConfigError> {
+            match get(k) {
+                Some(v) => v.as_bool().ok_or_else(|| ConfigError::invalid(k, v, "must be true or false")),
+                None => Ok(default),
+            }
+        };
+        let moe = match (family, get("MoE_config")) {
+            (Family::Dense, _) => None,
+            (_, None) => return Err(ConfigError::invalid("MoE_config", "nothing", "is required for MoE families")),
+            (_, Some(m)) => {
+                let num_experts = m
+                    .get("num_experts")
+                    .and_then(|v| v.as_u64())
+                    .ok_or_else(|| ConfigError::invalid("MoE_config.num_experts", m, "must be a positive integer"))?;
+                let capacity = m
+                    .get("capacity")
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| ConfigError::invalid("MoE_config.capacity", m, "must be a number"))?;
+                let n_shared = m.get("n_shared_experts").and_then(|v| v.as_u64()).map(|v| v as usize);
+                let interleave = m.get("interleave").and_then(|v| v.as_bool()).unwrap_or(false);
+                Some(MoeConfig {
+                    num_experts: num_experts as usize,
+                    capacity,
+                    n_shared_experts: n_shared,
+                    layout: if interleave { MoeLayout::Interleaved } else { MoeLayout::All },
+                    capacity_loss_weight: float("CapacityPred_loss_weight", default_capacity_loss_weight())?,
+                })
+            }
+        };
+        let config = Self {
+            family,
+            input_size: uint("input_size", Some(32))?,
+            patch_size: uint("patch_size", Some(2))?,
+            in_channels: uint("in_channels", Some(4))?,
+            hidden_size: uint("hidden_size", Some(1152))?,
+            depth: uint("depth", Some(28))?,
+            num_heads: uint("num_heads", Some(16))?,
+            head_dim: match get("head_dim") {
+                Some(_) => Some(uint("head_dim", None)?),
+                None => None,
+            },
+            mlp_ratio: float("mlp_ratio", 4.0)?,
+            class_dropout_prob: float("class_dropout_prob", 0.1)?,
+            num_classes: uint("num_classes", Some(1000))?,
+            learn_sigma: flag("learn_sigma", true)?,
+            mlp: if flag("use_swiglu", false)? { ExpertKind::SwiGlu } else { ExpertKind::Gelu },
+            moe,
+        };
+        config.validate()?;
+        Ok(config)
     }
 }

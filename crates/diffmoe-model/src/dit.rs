@@ -7,11 +7,11 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
+use diffmoe_core::ExpertKind;
 use diffmoe_core::{
     DiffMoeConfig, ExpertChoiceConfig, FeedForward, Mlp, Routing, RoutingStats, SwiGluMlp, ThresholdSync,
     TokenChoiceConfig,
 };
-use diffmoe_core::ExpertKind;
 
 use crate::attention::Attention;
 use crate::block::{BlockMlp, DiTBlock, FinalLayer};
@@ -49,7 +49,7 @@ pub struct DiTOutput<B: Backend> {
 /// Intermediate activations of a forward, for parity checks and inspection.
 #[derive(Debug, Clone, Default)]
 pub struct Activations<B: Backend> {
-    /// `[batch, tokens, d_model]`: patch embedding plus positions.
+    /// `[batch, tokens, d_model]`: the patch embedding (before the positions are added).
     pub patch_embed: Option<Tensor<B, 3>>,
     /// `[batch, d_model]`.
     pub t_emb: Option<Tensor<B, 2>>,
@@ -186,11 +186,14 @@ impl<B: Backend> DiT<B> {
         routing: Routing,
         mut trace: Option<&mut Activations<B>>,
     ) -> DiTOutput<B> {
-        let mut h = self.x_embedder.forward(x) + self.pos_embed.val(); // [N, T, D]
+        let patches = self.x_embedder.forward(x); // [N, T, D]
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.patch_embed = Some(patches.clone());
+        }
+        let mut h = patches + self.pos_embed.val(); // [N, T, D]
         let t_emb = self.t_embedder.forward(t); // [N, D]
         let y_emb = self.y_embedder.forward(y); // [N, D]
         if let Some(tr) = trace.as_deref_mut() {
-            tr.patch_embed = Some(h.clone());
             tr.t_emb = Some(t_emb.clone());
             tr.y_emb = Some(y_emb.clone());
         }

@@ -26,7 +26,12 @@ impl<B: Backend> PatchEmbed<B> {
     pub fn new(in_channels: usize, patch: usize, d_model: usize, device: &B::Device) -> Self {
         let fan_in = in_channels * patch * patch;
         Self {
-            proj_weight: Param::from_tensor(init::xavier_uniform([d_model, in_channels, patch, patch], fan_in, d_model, device)),
+            proj_weight: Param::from_tensor(init::xavier_uniform(
+                [d_model, in_channels, patch, patch],
+                fan_in,
+                d_model,
+                device,
+            )),
             proj_bias: Param::from_tensor(Tensor::zeros([d_model], device)),
         }
     }
@@ -67,9 +72,7 @@ impl<B: Backend> PatchEmbed<B> {
 pub fn sincos_pos_embed_2d(d_model: usize, grid_size: usize) -> Vec<f32> {
     assert!(d_model % 4 == 0, "the 2-D sin-cos table needs d_model % 4 == 0, got {d_model}");
     let quarter = d_model / 4;
-    let omega: Vec<f64> = (0..quarter)
-        .map(|i| 1.0 / 10000f64.powf(i as f64 / (d_model as f64 / 4.0)))
-        .collect();
+    let omega: Vec<f64> = (0..quarter).map(|i| 1.0 / 10000f64.powf(i as f64 / (d_model as f64 / 4.0))).collect();
     let mut table = Vec::with_capacity(grid_size * grid_size * d_model);
     for row in 0..grid_size {
         for col in 0..grid_size {

@@ -18,7 +18,7 @@ mod weights;
 pub use attention::Attention;
 pub use block::{layer_norm, modulate, BlockMlp, DiTBlock, FinalLayer};
 pub use config::{DiTConfig, Family, MoeConfig, MoeLayout, Objective, RunConfig};
-pub use dit::{Activations, BlockRouting, CfgChannels, DiTOutput, DiT};
+pub use dit::{Activations, BlockRouting, CfgChannels, DiT, DiTOutput};
 pub use embedding::{sincos_pos_embed_2d, timestep_embedding, LabelEmbedder, PatchEmbed, TimestepEmbedder};
 pub use error::{ConfigError, ImportError};
 pub use params::{ParamCount, ParamReport};

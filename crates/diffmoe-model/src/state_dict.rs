@@ -13,8 +13,7 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use diffmoe_core::{
-    CapacityPredictor, DiffMoeLayer, ExpertBank, ExpertChoiceLayer, FeedForward, Mlp, SwiGluMlp,
-    TokenChoiceLayer,
+    CapacityPredictor, DiffMoeLayer, ExpertBank, ExpertChoiceLayer, FeedForward, Mlp, SwiGluMlp, TokenChoiceLayer,
 };
 
 use crate::block::BlockMlp;
@@ -79,11 +78,14 @@ impl StateDict {
                 used += entry.check(self)?;
             }
             if used != self.tensors.len() {
-                let expected: std::collections::HashSet<String> =
-                    all.iter().flat_map(|e| e.names()).collect();
+                let expected: std::collections::HashSet<String> = all.iter().flat_map(|e| e.names()).collect();
                 let mut extra = self.tensors.iter().filter(|(k, _)| !expected.contains(*k));
                 if let Some((key, t)) = extra.next() {
-                    return Err(ImportError::UnexpectedKey { key: key.clone(), shape: t.shape.clone(), more: extra.count() });
+                    return Err(ImportError::UnexpectedKey {
+                        key: key.clone(),
+                        shape: t.shape.clone(),
+                        more: extra.count(),
+                    });
                 }
             }
             for entry in &mut all {
@@ -217,7 +219,8 @@ impl<B: Backend> Entry<'_, B> {
             }
             Layout::Transposed => {
                 let (r, c) = (host.shape[0], host.shape[1]);
-                out.tensors.insert(self.name.clone(), HostTensor { shape: vec![c, r], data: transpose(&host.data, r, c) });
+                out.tensors
+                    .insert(self.name.clone(), HostTensor { shape: vec![c, r], data: transpose(&host.data, r, c) });
             }
             Layout::PerExpert { transposed } => {
                 let per = host.data.len() / host.shape[0];
@@ -290,8 +293,16 @@ fn entries<B: Backend>(model: &mut DiT<B>) -> Vec<Entry<'_, B>> {
     let mut out = Vec::new();
     let DiT { x_embedder, pos_embed, t_embedder, y_embedder, blocks, final_layer, .. } = model;
     out.push(Entry { name: "pos_embed".into(), slot: Slot::R3(pos_embed), layout: Layout::Same });
-    out.push(Entry { name: "x_embedder.proj.weight".into(), slot: Slot::R4(&mut x_embedder.proj_weight), layout: Layout::Same });
-    out.push(Entry { name: "x_embedder.proj.bias".into(), slot: Slot::R1(&mut x_embedder.proj_bias), layout: Layout::Same });
+    out.push(Entry {
+        name: "x_embedder.proj.weight".into(),
+        slot: Slot::R4(&mut x_embedder.proj_weight),
+        layout: Layout::Same,
+    });
+    out.push(Entry {
+        name: "x_embedder.proj.bias".into(),
+        slot: Slot::R1(&mut x_embedder.proj_bias),
+        layout: Layout::Same,
+    });
     linear(&mut out, "t_embedder.mlp.0", &mut t_embedder.fc1);
     linear(&mut out, "t_embedder.mlp.2", &mut t_embedder.fc2);
     out.push(Entry {
@@ -337,7 +348,11 @@ fn entries<B: Backend>(model: &mut DiT<B>) -> Vec<Entry<'_, B>> {
                 if let Some(s) = shared_experts {
                     mlp(&mut out, &format!("{m}.shared_experts"), s);
                 }
-                out.push(Entry { name: format!("{m}.expert_threshold"), slot: Slot::R1(expert_threshold), layout: Layout::Same });
+                out.push(Entry {
+                    name: format!("{m}.expert_threshold"),
+                    slot: Slot::R1(expert_threshold),
+                    layout: Layout::Same,
+                });
                 out.push(Entry { name: format!("{m}.ema_decay"), slot: Slot::R1(ema_decay), layout: Layout::Same });
             }
         }

@@ -40,10 +40,7 @@ pub struct TorchTensor {
 pub enum TorchCheckpointError {
     /// The file could not be opened or read.
     #[error("cannot read torch checkpoint {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// The file is not a zip archive (truncated, garbage, or a legacy pre-1.6 `torch.save` file).
     #[error(
         "{} is not a zip-based torch checkpoint (torch.save of torch >= 1.6): {source}",
@@ -58,36 +55,20 @@ pub enum TorchCheckpointError {
     MissingZipEntry { path: PathBuf, name: String },
     /// A zip entry could not be read.
     #[error("{}: cannot read zip entry `{name}`: {source}", path.display())]
-    Zip {
-        path: PathBuf,
-        name: String,
-        source: ZipError,
-    },
+    Zip { path: PathBuf, name: String, source: ZipError },
     /// A zip entry is compressed; `torch.save` writes uncompressed (STORED) entries only.
     #[error(
         "{}: zip entry `{name}` is compressed ({method}); only uncompressed (STORED) entries, as \
          torch.save writes them, are supported",
         path.display()
     )]
-    CompressedEntry {
-        path: PathBuf,
-        name: String,
-        method: String,
-    },
+    CompressedEntry { path: PathBuf, name: String, method: String },
     /// The pickle is truncated or inconsistent.
     #[error("{}: malformed pickle at byte {offset}: {reason}", path.display())]
-    Malformed {
-        path: PathBuf,
-        offset: usize,
-        reason: String,
-    },
+    Malformed { path: PathBuf, offset: usize, reason: String },
     /// The pickle uses an opcode this reader does not implement.
     #[error("{}: unsupported pickle opcode 0x{opcode:02x} at byte {offset}", path.display())]
-    UnknownOpcode {
-        path: PathBuf,
-        opcode: u8,
-        offset: usize,
-    },
+    UnknownOpcode { path: PathBuf, opcode: u8, offset: usize },
     /// The checkpoint's top-level object is not a dict.
     #[error("{}: the top-level object is {found}, not a dict", path.display())]
     TopLevelNotDict { path: PathBuf, found: String },
@@ -97,38 +78,20 @@ pub enum TorchCheckpointError {
         path.display(),
         present.join(", ")
     )]
-    MissingEntry {
-        path: PathBuf,
-        entry: String,
-        present: Vec<String>,
-    },
+    MissingEntry { path: PathBuf, entry: String, present: Vec<String> },
     /// The requested entry is not a dict with string keys.
     #[error("{}: {} is {found}, not a dict of tensors", path.display(), entry_label(entry))]
-    NotADict {
-        path: PathBuf,
-        entry: String,
-        found: String,
-    },
+    NotADict { path: PathBuf, entry: String, found: String },
     /// A value of the requested entry is not a (readable) tensor.
     #[error("{}: {}, key `{key}` is {found}, not a tensor", path.display(), entry_label(entry))]
-    NotATensor {
-        path: PathBuf,
-        entry: String,
-        key: String,
-        found: String,
-    },
+    NotATensor { path: PathBuf, entry: String, key: String, found: String },
     /// A tensor's storage has a dtype that cannot be converted to f32.
     #[error(
         "{}: {}, tensor `{tensor}` has unsupported storage type {dtype}",
         path.display(),
         entry_label(entry)
     )]
-    UnsupportedDtype {
-        path: PathBuf,
-        entry: String,
-        tensor: String,
-        dtype: String,
-    },
+    UnsupportedDtype { path: PathBuf, entry: String, tensor: String, dtype: String },
     /// A tensor's view reaches past the end of its storage file.
     #[error(
         "{}: {}, tensor `{tensor}` needs {needed} elements of storage `{storage}`, which holds \
@@ -136,14 +99,7 @@ pub enum TorchCheckpointError {
         path.display(),
         entry_label(entry)
     )]
-    StorageOutOfBounds {
-        path: PathBuf,
-        entry: String,
-        tensor: String,
-        storage: String,
-        needed: u64,
-        available: u64,
-    },
+    StorageOutOfBounds { path: PathBuf, entry: String, tensor: String, storage: String, needed: u64, available: u64 },
 }
 
 type Error = TorchCheckpointError;
@@ -175,10 +131,7 @@ pub fn checkpoint_entries(path: &Path) -> Result<Vec<String>, TorchCheckpointErr
 /// the entries present), entry not a dict of tensors, unsupported dtype. Storages of float16,
 /// bfloat16, float64, int64, int32, int16, int8, uint8 and bool are converted to f32 (integers
 /// beyond 2^24 in magnitude are rounded).
-pub fn read_state_dict(
-    path: &Path,
-    entry: &str,
-) -> Result<Vec<(String, TorchTensor)>, TorchCheckpointError> {
+pub fn read_state_dict(path: &Path, entry: &str) -> Result<Vec<(String, TorchTensor)>, TorchCheckpointError> {
     let mut checkpoint = Checkpoint::open(path)?;
     let value = if entry.is_empty() {
         checkpoint.root.clone()
@@ -232,29 +185,15 @@ pub fn read_state_dict(
                 available,
             },
         })?;
-        out.push((
-            name.clone(),
-            TorchTensor {
-                shape: tensor.shape.clone(),
-                data,
-            },
-        ));
+        out.push((name.clone(), TorchTensor { shape: tensor.shape.clone(), data }));
     }
     Ok(out)
 }
 
 /// The names and tensor references of a state dict value, in dict order.
-fn tensor_refs(
-    path: &Path,
-    entry: &str,
-    value: &Value,
-) -> Result<Vec<(String, Rc<TensorRef>)>, Error> {
+fn tensor_refs(path: &Path, entry: &str, value: &Value) -> Result<Vec<(String, Rc<TensorRef>)>, Error> {
     let Value::Dict(dict) = value else {
-        return Err(Error::NotADict {
-            path: path.to_path_buf(),
-            entry: entry.to_owned(),
-            found: value.describe(),
-        });
+        return Err(Error::NotADict { path: path.to_path_buf(), entry: entry.to_owned(), found: value.describe() });
     };
     let dict = dict.borrow();
     dict.iter()
@@ -291,45 +230,27 @@ struct Checkpoint {
 
 impl Checkpoint {
     fn open(path: &Path) -> Result<Self, Error> {
-        let io_error = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io_error = |source| Error::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io_error)?;
         let file_len = file.metadata().map_err(io_error)?.len();
-        let archive = ZipArchive::new(BufReader::new(file)).map_err(|source| Error::NotZip {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let archive = ZipArchive::new(BufReader::new(file))
+            .map_err(|source| Error::NotZip { path: path.to_path_buf(), source })?;
         let pickle_name = archive
             .file_names()
             .find(|name| name.ends_with("/data.pkl") && name.matches('/').count() == 1)
             .map(str::to_owned)
-            .ok_or_else(|| Error::NoPickle {
-                path: path.to_path_buf(),
-            })?;
+            .ok_or_else(|| Error::NoPickle { path: path.to_path_buf() })?;
         let prefix = pickle_name[..pickle_name.len() - "data.pkl".len()].to_owned();
-        let mut checkpoint = Checkpoint {
-            path: path.to_path_buf(),
-            archive,
-            file_len,
-            prefix,
-            root: Value::None,
-        };
+        let mut checkpoint = Checkpoint { path: path.to_path_buf(), archive, file_len, prefix, root: Value::None };
         let pickle = checkpoint.read_entry(&pickle_name)?;
-        checkpoint.root = Unpickler::new(&pickle)
-            .load()
-            .map_err(|e| e.with_path(path))?;
+        checkpoint.root = Unpickler::new(&pickle).load().map_err(|e| e.with_path(path))?;
         Ok(checkpoint)
     }
 
     fn top_level_dict(&self) -> Result<Dict, Error> {
         match &self.root {
             Value::Dict(dict) => Ok(dict.clone()),
-            other => Err(Error::TopLevelNotDict {
-                path: self.path.clone(),
-                found: other.describe(),
-            }),
+            other => Err(Error::TopLevelNotDict { path: self.path.clone(), found: other.describe() }),
         }
     }
 
@@ -340,41 +261,23 @@ impl Checkpoint {
 
     /// The bytes of one zip entry, refusing compressed entries.
     fn read_entry(&mut self, name: &str) -> Result<Vec<u8>, Error> {
-        let zip_error = |source| Error::Zip {
-            path: self.path.clone(),
-            name: name.to_owned(),
-            source,
-        };
+        let zip_error = |source| Error::Zip { path: self.path.clone(), name: name.to_owned(), source };
         let index = self
             .archive
             .index_for_name(name)
-            .ok_or_else(|| Error::MissingZipEntry {
-                path: self.path.clone(),
-                name: name.to_owned(),
-            })?;
-        let method = self
-            .archive
-            .by_index_raw(index)
-            .map_err(zip_error)?
-            .compression();
+            .ok_or_else(|| Error::MissingZipEntry { path: self.path.clone(), name: name.to_owned() })?;
+        let method = self.archive.by_index_raw(index).map_err(zip_error)?.compression();
         if method != CompressionMethod::Stored {
             return Err(Error::CompressedEntry {
                 path: self.path.clone(),
                 name: name.to_owned(),
-                method: if method == CompressionMethod::DEFLATE {
-                    "DEFLATE".to_owned()
-                } else {
-                    method.to_string()
-                },
+                method: if method == CompressionMethod::DEFLATE { "DEFLATE".to_owned() } else { method.to_string() },
             });
         }
         let mut file = self.archive.by_index(index).map_err(zip_error)?;
         let capacity = usize::try_from(file.size().min(self.file_len)).unwrap_or(0);
         let mut bytes = Vec::with_capacity(capacity);
-        file.read_to_end(&mut bytes).map_err(|source| Error::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        file.read_to_end(&mut bytes).map_err(|source| Error::Io { path: self.path.clone(), source })?;
         Ok(bytes)
     }
 }
@@ -420,15 +323,9 @@ impl DType {
         Ok(match self {
             DType::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
             DType::F16 => (2, |b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-            DType::BF16 => (2, |b| {
-                f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
-            }),
-            DType::F64 => (8, |b| {
-                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-            }),
-            DType::I64 => (8, |b| {
-                i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-            }),
+            DType::BF16 => (2, |b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
+            DType::F64 => (8, |b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32),
+            DType::I64 => (8, |b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32),
             DType::I32 => (4, |b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32),
             DType::I16 => (2, |b| f32::from(i16::from_le_bytes([b[0], b[1]]))),
             DType::I8 => (1, |b| f32::from(b[0] as i8)),
@@ -489,19 +386,10 @@ fn tensor_data(tensor: &TensorRef, bytes: &[u8]) -> Result<Vec<f32>, GatherError
         return Ok(Vec::new());
     }
     // Largest element index the view touches; overflow was ruled out by `rebuild_tensor`.
-    let last = tensor.offset
-        + tensor
-            .shape
-            .iter()
-            .zip(&tensor.stride)
-            .map(|(&n, &s)| (n - 1) * s)
-            .sum::<usize>();
+    let last = tensor.offset + tensor.shape.iter().zip(&tensor.stride).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
     let available = bytes.len() / size;
     if last >= available {
-        return Err(GatherError::OutOfBounds {
-            needed: last as u64 + 1,
-            available: available as u64,
-        });
+        return Err(GatherError::OutOfBounds { needed: last as u64 + 1, available: available as u64 });
     }
     let read = |i: usize| decode(&bytes[i * size..(i + 1) * size]);
     let mut data = Vec::with_capacity(tensor.numel);
@@ -607,13 +495,9 @@ fn reduce(callable: &Value, args: &Value) -> Value {
     let args_empty = matches!(args, Value::Tuple(items) if items.is_empty());
     match (module.as_str(), name.as_str()) {
         ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor") => rebuild_tensor(args)
-            .unwrap_or_else(|reason| {
-                Value::Opaque(format!("an unreadable `{module}.{name}` tensor ({reason})"))
-            }),
+            .unwrap_or_else(|reason| Value::Opaque(format!("an unreadable `{module}.{name}` tensor ({reason})"))),
         ("torch._utils", "_rebuild_parameter") => match args {
-            Value::Tuple(items) if matches!(items.first(), Some(Value::Tensor(_))) => {
-                items[0].clone()
-            }
+            Value::Tuple(items) if matches!(items.first(), Some(Value::Tensor(_))) => items[0].clone(),
             _ => Value::Opaque("an unreadable `torch._utils._rebuild_parameter` tensor".into()),
         },
         ("collections", "OrderedDict") if args_empty => Value::new_dict(),
@@ -624,12 +508,8 @@ fn reduce(callable: &Value, args: &Value) -> Value {
 /// `NEWOBJ`: `cls.__new__(cls, ...)`, again only symbolically.
 fn new_object(class: &Value) -> Value {
     match class {
-        Value::Global { module, name } if module == "collections" && name == "OrderedDict" => {
-            Value::new_dict()
-        }
-        Value::Global { module, name } => {
-            Value::Opaque(format!("an opaque `{module}.{name}` object"))
-        }
+        Value::Global { module, name } if module == "collections" && name == "OrderedDict" => Value::new_dict(),
+        Value::Global { module, name } => Value::Opaque(format!("an opaque `{module}.{name}` object")),
         other => Value::Opaque(format!("an object of {}", other.describe())),
     }
 }
@@ -658,43 +538,26 @@ fn rebuild_tensor(args: &Value) -> Result<Value, String> {
     let shape = as_usizes(size)?;
     let stride = as_usizes(stride)?;
     if shape.len() != stride.len() {
-        return Err(format!(
-            "{} sizes but {} strides",
-            shape.len(),
-            stride.len()
-        ));
+        return Err(format!("{} sizes but {} strides", shape.len(), stride.len()));
     }
     let overflow = || "sizes overflow".to_string();
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
-        .ok_or_else(overflow)?;
+    let numel = shape.iter().try_fold(1usize, |acc, &n| acc.checked_mul(n)).ok_or_else(overflow)?;
     if numel > 0 {
         // Make sure the largest index (and its byte position) fits in usize.
         shape
             .iter()
             .zip(&stride)
-            .try_fold(offset, |acc, (&n, &s)| {
-                acc.checked_add((n - 1).checked_mul(s)?)
-            })
+            .try_fold(offset, |acc, (&n, &s)| acc.checked_add((n - 1).checked_mul(s)?))
             .and_then(|last| last.checked_add(1)?.checked_mul(8))
             .ok_or_else(overflow)?;
     }
-    Ok(Value::Tensor(Rc::new(TensorRef {
-        storage: storage.clone(),
-        offset,
-        shape,
-        stride,
-        numel,
-    })))
+    Ok(Value::Tensor(Rc::new(TensorRef { storage: storage.clone(), offset, shape, stride, numel })))
 }
 
 /// `BINPERSID`: torch's `('storage', StorageClass, key, location, numel)` persistent ids.
 fn persistent_load(pid: &Value) -> Value {
     if let Value::Tuple(items) = pid {
-        if let [Value::Str(tag), Value::Global { module, name }, Value::Str(key), ..] =
-            items.as_slice()
-        {
+        if let [Value::Str(tag), Value::Global { module, name }, Value::Str(key), ..] = items.as_slice() {
             if tag == "storage" {
                 return Value::Storage(Rc::new(StorageRef {
                     key: key.clone(),
@@ -773,16 +636,8 @@ impl PickleError {
     fn with_path(self, path: &Path) -> Error {
         let path = path.to_path_buf();
         match self {
-            PickleError::Malformed { offset, reason } => Error::Malformed {
-                path,
-                offset,
-                reason,
-            },
-            PickleError::UnknownOpcode { opcode, offset } => Error::UnknownOpcode {
-                path,
-                opcode,
-                offset,
-            },
+            PickleError::Malformed { offset, reason } => Error::Malformed { path, offset, reason },
+            PickleError::UnknownOpcode { opcode, offset } => Error::UnknownOpcode { path, opcode, offset },
         }
     }
 }
@@ -800,21 +655,11 @@ struct Unpickler<'a> {
 
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Unpickler {
-            data,
-            pos: 0,
-            op_start: 0,
-            stack: Vec::new(),
-            marks: Vec::new(),
-            memo: HashMap::new(),
-        }
+        Unpickler { data, pos: 0, op_start: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }
     }
 
     fn malformed(&self, reason: impl Into<String>) -> PickleError {
-        PickleError::Malformed {
-            offset: self.op_start,
-            reason: reason.into(),
-        }
+        PickleError::Malformed { offset: self.op_start, reason: reason.into() }
     }
 
     fn take(&mut self, n: u64) -> Result<&'a [u8], PickleError> {
@@ -850,12 +695,8 @@ impl<'a> Unpickler<'a> {
     /// A newline-terminated text argument (of `GLOBAL`).
     fn line(&mut self) -> Result<String, PickleError> {
         let rest = &self.data[self.pos..];
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| self.malformed("unterminated GLOBAL name"))?;
-        let text = std::str::from_utf8(&rest[..end])
-            .map_err(|_| self.malformed("GLOBAL name is not UTF-8"))?;
+        let end = rest.iter().position(|&b| b == b'\n').ok_or_else(|| self.malformed("unterminated GLOBAL name"))?;
+        let text = std::str::from_utf8(&rest[..end]).map_err(|_| self.malformed("GLOBAL name is not UTF-8"))?;
         self.pos += end + 1;
         Ok(text.to_owned())
     }
@@ -891,23 +732,14 @@ impl<'a> Unpickler<'a> {
     }
 
     fn pop(&mut self) -> Result<Value, PickleError> {
-        if self
-            .marks
-            .last()
-            .is_some_and(|&mark| mark >= self.stack.len())
-        {
+        if self.marks.last().is_some_and(|&mark| mark >= self.stack.len()) {
             return Err(self.malformed("stack underflow (popping past a MARK)"));
         }
-        self.stack
-            .pop()
-            .ok_or_else(|| self.malformed("stack underflow"))
+        self.stack.pop().ok_or_else(|| self.malformed("stack underflow"))
     }
 
     fn top(&self) -> Result<Value, PickleError> {
-        self.stack
-            .last()
-            .cloned()
-            .ok_or_else(|| self.malformed("stack underflow"))
+        self.stack.last().cloned().ok_or_else(|| self.malformed("stack underflow"))
     }
 
     /// The values pushed since the last `MARK`, removing the mark.
@@ -948,9 +780,7 @@ impl<'a> Unpickler<'a> {
     /// The length argument of a length-prefixed opcode (strings, bytes, `LONG1`/`LONG4`).
     fn length(&mut self, opcode: u8) -> Result<u64, PickleError> {
         match opcode {
-            op::SHORT_BINUNICODE | op::SHORT_BINSTRING | op::SHORT_BINBYTES | op::LONG1 => {
-                Ok(self.byte()?.into())
-            }
+            op::SHORT_BINUNICODE | op::SHORT_BINSTRING | op::SHORT_BINBYTES | op::LONG1 => Ok(self.byte()?.into()),
             op::BINUNICODE | op::BINBYTES => Ok(self.u32_le()?.into()),
             op::BINSTRING | op::LONG4 => {
                 let len = i32::from_le_bytes(self.take_array()?);
@@ -1115,12 +945,7 @@ impl<'a> Unpickler<'a> {
                     let pid = self.pop()?;
                     persistent_load(&pid)
                 }
-                _ => {
-                    return Err(PickleError::UnknownOpcode {
-                        opcode,
-                        offset: self.op_start,
-                    })
-                }
+                _ => return Err(PickleError::UnknownOpcode { opcode, offset: self.op_start }),
             };
             self.stack.push(value);
         }
@@ -1145,10 +970,7 @@ mod tests {
 
     /// A fresh scratch directory under the system temp dir.
     fn temp_dir(test: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "diffmoe_torch_checkpoint_{}_{test}",
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("diffmoe_torch_checkpoint_{}_{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -1188,25 +1010,16 @@ mod tests {
         }
         /// `_rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())`.
         fn tensor(&mut self, class: &str, key: &str, offset: i32, size: &[i32], stride: &[i32]) {
-            self.global("torch._utils", "_rebuild_tensor_v2")
-                .op(op::MARK);
-            self.op(op::MARK)
-                .str("storage")
-                .global("torch", class)
-                .str(key)
-                .str("cpu");
+            self.global("torch._utils", "_rebuild_tensor_v2").op(op::MARK);
+            self.op(op::MARK).str("storage").global("torch", class).str(key).str("cpu");
             self.int(0).op(op::TUPLE).op(op::BINPERSID);
             self.int(offset).ints(size).ints(stride).op(op::NEWFALSE);
-            self.global("collections", "OrderedDict")
-                .op(op::EMPTY_TUPLE)
-                .op(op::REDUCE);
+            self.global("collections", "OrderedDict").op(op::EMPTY_TUPLE).op(op::REDUCE);
             self.op(op::TUPLE).op(op::REDUCE);
         }
         /// An `OrderedDict` state dict exercising strides, offsets, 0-dim and dtypes.
         fn state_dict(&mut self) {
-            self.global("collections", "OrderedDict")
-                .op(op::BINPUT)
-                .op(0);
+            self.global("collections", "OrderedDict").op(op::BINPUT).op(0);
             self.op(op::EMPTY_TUPLE).op(op::REDUCE).op(op::MARK);
             self.str("strided");
             self.tensor("FloatStorage", "0", 1, &[2, 3], &[1, 4]);
@@ -1220,14 +1033,8 @@ mod tests {
             self.tensor("LongStorage", "2", 0, &[2], &[1]);
             self.op(op::SETITEMS);
             // A state dict's `_metadata` attribute arrives through BUILD.
-            self.op(op::EMPTY_DICT)
-                .str("_metadata")
-                .op(op::BINGET)
-                .op(0);
-            self.op(op::EMPTY_TUPLE)
-                .op(op::REDUCE)
-                .op(op::SETITEM)
-                .op(op::BUILD);
+            self.op(op::EMPTY_DICT).str("_metadata").op(op::BINGET).op(0);
+            self.op(op::EMPTY_TUPLE).op(op::REDUCE).op(op::SETITEM).op(op::BUILD);
         }
         /// `{"model": state_dict, "args": Namespace(lr=0.5), "evil": os.system("...")}`.
         fn checkpoint(&mut self) {
@@ -1235,15 +1042,10 @@ mod tests {
             self.str("model");
             self.state_dict();
             self.str("args").global("argparse", "Namespace");
-            self.op(op::EMPTY_TUPLE)
-                .op(op::NEWOBJ)
-                .op(op::EMPTY_DICT)
-                .str("lr");
+            self.op(op::EMPTY_TUPLE).op(op::NEWOBJ).op(op::EMPTY_DICT).str("lr");
             self.op(op::BINFLOAT).0.extend(0.5f64.to_be_bytes());
             self.op(op::SETITEM).op(op::BUILD);
-            self.str("evil")
-                .global("os", "system")
-                .str("touch /tmp/pwned");
+            self.str("evil").global("os", "system").str("touch /tmp/pwned");
             self.op(op::TUPLE1).op(op::REDUCE);
             self.op(op::SETITEMS).op(op::STOP);
         }
@@ -1252,21 +1054,14 @@ mod tests {
     fn storages() -> Vec<(&'static str, Vec<u8>)> {
         let floats: Vec<u8> = (0..12).flat_map(|i| (i as f32).to_le_bytes()).collect();
         // f16: 1.0, -2.0, 6.1035156e-05 (min normal), 5.9604645e-08 (min subnormal).
-        let halves: Vec<u8> = [0x3c00u16, 0xc000, 0x0400, 0x0001]
-            .iter()
-            .flat_map(|h| h.to_le_bytes())
-            .collect();
-        let longs: Vec<u8> = [-3i64, 1 << 20]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let halves: Vec<u8> = [0x3c00u16, 0xc000, 0x0400, 0x0001].iter().flat_map(|h| h.to_le_bytes()).collect();
+        let longs: Vec<u8> = [-3i64, 1 << 20].iter().flat_map(|v| v.to_le_bytes()).collect();
         vec![("0", floats), ("1", halves), ("2", longs)]
     }
 
     fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
         let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
-        let options =
-            zip::write::SimpleFileOptions::default().compression_method(CompressionMethod::Stored);
+        let options = zip::write::SimpleFileOptions::default().compression_method(CompressionMethod::Stored);
         for (name, bytes) in entries {
             zip.start_file(name.as_str(), options).unwrap();
             zip.write_all(bytes).unwrap();
@@ -1275,10 +1070,8 @@ mod tests {
     }
 
     fn write_checkpoint(path: &Path, pickle: &[u8]) {
-        let mut entries = vec![
-            ("ckpt/data.pkl".to_string(), pickle.to_vec()),
-            ("ckpt/version".to_string(), b"3\n".to_vec()),
-        ];
+        let mut entries =
+            vec![("ckpt/data.pkl".to_string(), pickle.to_vec()), ("ckpt/version".to_string(), b"3\n".to_vec())];
         for (key, bytes) in storages() {
             entries.push((format!("ckpt/data/{key}"), bytes));
         }
@@ -1288,10 +1081,7 @@ mod tests {
     fn check_hand_built_state_dict(tensors: &[(String, TorchTensor)]) {
         let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["strided", "scalar", "broadcast", "half", "long"]);
-        let t = |shape: &[usize], data: &[f32]| TorchTensor {
-            shape: shape.to_vec(),
-            data: data.to_vec(),
-        };
+        let t = |shape: &[usize], data: &[f32]| TorchTensor { shape: shape.to_vec(), data: data.to_vec() };
         // element [i][j] = storage[1 + i + 4 j]
         assert_eq!(tensors[0].1, t(&[2, 3], &[1., 5., 9., 2., 6., 10.]));
         assert_eq!(tensors[1].1, t(&[], &[7.]));
@@ -1312,11 +1102,8 @@ mod tests {
             let view = expected.tensor(name).unwrap();
             assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
             assert_eq!(tensor.shape, view.shape(), "{name}");
-            let data: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let data: Vec<f32> =
+                view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&tensor.data), bits(&data), "{name}");
         }
@@ -1348,16 +1135,10 @@ mod tests {
         assert!(err.to_string().contains("model, ema, opt, args"), "{err}");
         // Present but not a state dict: `args` is an opaque Namespace, `opt` nests dicts.
         let err = read_state_dict(&path, "args").unwrap_err();
-        assert!(
-            matches!(err, TorchCheckpointError::NotADict { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, TorchCheckpointError::NotADict { .. }), "{err}");
         assert!(err.to_string().contains("argparse.Namespace"), "{err}");
         let err = read_state_dict(&path, "opt").unwrap_err();
-        assert!(
-            matches!(err, TorchCheckpointError::NotATensor { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, TorchCheckpointError::NotATensor { .. }), "{err}");
     }
 
     #[test]
@@ -1384,19 +1165,13 @@ mod tests {
         let cut = dir.join("cut_pickle.pt");
         write_checkpoint(&cut, &pickle.0[..pickle.0.len() / 2]);
         let err = read_state_dict(&cut, "model").unwrap_err();
-        assert!(
-            matches!(err, TorchCheckpointError::Malformed { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, TorchCheckpointError::Malformed { .. }), "{err}");
 
         // A zip without data.pkl.
         let other = dir.join("other.zip");
         write_zip(&other, &[("readme.txt".to_string(), b"hi".to_vec())]);
         let err = checkpoint_entries(&other).unwrap_err();
-        assert!(
-            matches!(err, TorchCheckpointError::NoPickle { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, TorchCheckpointError::NoPickle { .. }), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1407,10 +1182,7 @@ mod tests {
         pickle.checkpoint();
         let path = dir.join("ckpt.pt");
         write_checkpoint(&path, &pickle.0);
-        assert_eq!(
-            checkpoint_entries(&path).unwrap(),
-            ["model", "args", "evil"]
-        );
+        assert_eq!(checkpoint_entries(&path).unwrap(), ["model", "args", "evil"]);
         check_hand_built_state_dict(&read_state_dict(&path, "model").unwrap());
         // The `os.system` call was never executed, only recorded as an opaque value.
         let err = read_state_dict(&path, "evil").unwrap_err();
@@ -1437,34 +1209,16 @@ mod tests {
         let path = dir.join("bounds.pt");
         write_checkpoint(&path, &pickle.0);
         let err = read_state_dict(&path, "").unwrap_err();
-        assert!(
-            matches!(
-                err,
-                TorchCheckpointError::StorageOutOfBounds {
-                    needed: 13,
-                    available: 12,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, TorchCheckpointError::StorageOutOfBounds { needed: 13, available: 12, .. }), "{err}");
 
         let mut pickle = Pickle::default();
         pickle.op(op::PROTO).op(2).op(op::EMPTY_DICT);
-        pickle
-            .str("w")
-            .tensor("ComplexFloatStorage", "0", 0, &[3], &[1]);
+        pickle.str("w").tensor("ComplexFloatStorage", "0", 0, &[3], &[1]);
         pickle.op(op::SETITEM).op(op::STOP);
         write_checkpoint(&path, &pickle.0);
         let err = read_state_dict(&path, "").unwrap_err();
-        assert!(
-            matches!(err, TorchCheckpointError::UnsupportedDtype { .. }),
-            "{err}"
-        );
-        assert!(
-            err.to_string().contains("torch.ComplexFloatStorage"),
-            "{err}"
-        );
+        assert!(matches!(err, TorchCheckpointError::UnsupportedDtype { .. }), "{err}");
+        assert!(err.to_string().contains("torch.ComplexFloatStorage"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1483,15 +1237,8 @@ mod tests {
         }
         std::fs::write(&path, bytes).unwrap();
         let err = checkpoint_entries(&path).unwrap_err();
-        assert!(
-            matches!(err, TorchCheckpointError::CompressedEntry { .. }),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .contains("`ckpt/data.pkl` is compressed (DEFLATE)"),
-            "{err}"
-        );
+        assert!(matches!(err, TorchCheckpointError::CompressedEntry { .. }), "{err}");
+        assert!(err.to_string().contains("`ckpt/data.pkl` is compressed (DEFLATE)"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1503,10 +1250,7 @@ mod tests {
         p.op(op::SHORT_BINUNICODE).op(1).op(b'k').op(op::MEMOIZE);
         p.op(op::LONG1).op(2).op(0x00).op(0xff); // -256
         p.op(op::SHORT_BINUNICODE).op(3).0.extend(b"set");
-        p.op(op::MARK)
-            .op(op::NONE)
-            .op(op::NEWTRUE)
-            .op(op::FROZENSET);
+        p.op(op::MARK).op(op::NONE).op(op::NEWTRUE).op(op::FROZENSET);
         p.op(op::SHORT_BINUNICODE).op(1).op(b'g');
         p.op(op::SHORT_BINUNICODE).op(8).0.extend(b"builtins");
         p.op(op::SHORT_BINUNICODE).op(4).0.extend(b"eval");
@@ -1514,29 +1258,16 @@ mod tests {
         p.op(op::MARK).op(op::NONE).op(op::POP_MARK);
         p.op(op::DICT).op(op::STOP);
         let value = Unpickler::new(&p.0).load().unwrap();
-        let Value::Dict(dict) = value else {
-            panic!("{value:?}")
-        };
+        let Value::Dict(dict) = value else { panic!("{value:?}") };
         let dict = dict.borrow();
         assert_eq!(dict.len(), 3);
         assert!(matches!((&dict[0].0, &dict[0].1), (Value::Str(k), Value::Int(-256)) if k == "k"));
         assert!(matches!(&dict[1].1, Value::Set(s) if s.borrow().len() == 2));
-        assert!(
-            matches!(&dict[2].1, Value::Global { module, name } if module == "builtins" && name == "eval")
-        );
+        assert!(matches!(&dict[2].1, Value::Global { module, name } if module == "builtins" && name == "eval"));
 
         // Unknown opcode: named with its offset.
         let err = Unpickler::new(b"\x80\x02N\xffN.").load().unwrap_err();
-        assert!(
-            matches!(
-                err,
-                PickleError::UnknownOpcode {
-                    opcode: 0xff,
-                    offset: 3
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, PickleError::UnknownOpcode { opcode: 0xff, offset: 3 }), "{err:?}");
         // Missing STOP, memo miss and stack underflow are malformed.
         for bad in [&b"\x80\x02N"[..], b"h\x05.", b"\x80\x02s."] {
             let err = Unpickler::new(bad).load().unwrap_err();

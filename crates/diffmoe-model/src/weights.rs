@@ -50,10 +50,8 @@ pub fn read_weights(path: &Path, source: WeightSource) -> Result<(StateDict, Opt
         let entries = crate::torch_checkpoint::checkpoint_entries(path)?;
         let entry = if entries.iter().any(|e| e == source.entry()) { source.entry() } else { "" };
         let tensors = read_state_dict(path, entry)?;
-        let tensors = tensors
-            .into_iter()
-            .map(|(name, t)| (name, HostTensor { shape: t.shape, data: t.data }))
-            .collect();
+        let tensors =
+            tensors.into_iter().map(|(name, t)| (name, HostTensor { shape: t.shape, data: t.data })).collect();
         return Ok((StateDict { tensors }, None));
     }
     let bytes = std::fs::read(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
@@ -86,15 +84,13 @@ fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<(StateDict, Option<DiTC
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-            .collect(),
+        Dtype::F64 => {
+            bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect()
+        }
         Dtype::F16 => bytes.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-            .collect(),
+        Dtype::BF16 => {
+            bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
+        }
         _ => return None,
     })
 }
@@ -128,7 +124,10 @@ pub fn load_weights<B: Backend>(
         (Some(given), Some(stored)) if !same_network(given, &stored) => {
             return Err(ImportError::Metadata {
                 path: path.to_path_buf(),
-                reason: format!("the file stores another model config: {}", serde_json::to_string(&stored).unwrap_or_default()),
+                reason: format!(
+                    "the file stores another model config: {}",
+                    serde_json::to_string(&stored).unwrap_or_default()
+                ),
             })
         }
         (Some(given), _) => given.clone(),
@@ -173,10 +172,9 @@ pub fn save_weights<B: Backend>(model: &DiT<B>, path: &Path) -> Result<(), Impor
     let views = bytes
         .iter()
         .map(|(k, b, s)| {
-            TensorView::new(Dtype::F32, s.clone(), b).map(|v| (k.clone(), v)).map_err(|e| ImportError::Safetensors {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| ImportError::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut metadata = HashMap::new();
