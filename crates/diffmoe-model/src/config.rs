@@ -211,14 +211,14 @@ impl DiTConfig {
         positive("model.depth", self.depth)?;
         positive("model.num_heads", self.num_heads)?;
         positive("model.num_classes", self.num_classes)?;
-        if self.input_size % self.patch_size != 0 {
+        if !self.input_size.is_multiple_of(self.patch_size) {
             return Err(ConfigError::invalid(
                 "model.input_size",
                 self.input_size,
                 format!("must be a multiple of model.patch_size = {}", self.patch_size),
             ));
         }
-        if self.hidden_size % 4 != 0 {
+        if !self.hidden_size.is_multiple_of(4) {
             return Err(ConfigError::invalid(
                 "model.hidden_size",
                 self.hidden_size,
@@ -227,7 +227,7 @@ impl DiTConfig {
         }
         match self.head_dim {
             Some(0) => return Err(ConfigError::invalid("model.head_dim", 0, "must be at least 1 when given")),
-            None if self.hidden_size % self.num_heads != 0 => {
+            None if !self.hidden_size.is_multiple_of(self.num_heads) => {
                 return Err(ConfigError::invalid(
                     "model.num_heads",
                     self.num_heads,

@@ -332,7 +332,7 @@ mod tests {
         // Token j holds value j in every entry: each p x p patch of the image is constant.
         let tokens = config.tokens();
         let p = config.patch_size;
-        let vals: Vec<f32> = (0..tokens).flat_map(|j| std::iter::repeat(j as f32).take(p * p)).collect();
+        let vals: Vec<f32> = (0..tokens).flat_map(|j| std::iter::repeat_n(j as f32, p * p)).collect();
         let img = model.unpatchify(Tensor::<Flex, 3>::from_data(TensorData::new(vals, [1, tokens, p * p]), &device));
         let g = config.input_size / p;
         let data: Vec<f32> = img.into_data().to_vec().unwrap();

@@ -70,7 +70,7 @@ impl<B: Backend> PatchEmbed<B> {
 /// # Panics
 /// If `d_model` is not a multiple of 4.
 pub fn sincos_pos_embed_2d(d_model: usize, grid_size: usize) -> Vec<f32> {
-    assert!(d_model % 4 == 0, "the 2-D sin-cos table needs d_model % 4 == 0, got {d_model}");
+    assert!(d_model.is_multiple_of(4), "the 2-D sin-cos table needs d_model % 4 == 0, got {d_model}");
     let quarter = d_model / 4;
     let omega: Vec<f64> = (0..quarter).map(|i| 1.0 / 10000f64.powf(i as f64 / (d_model as f64 / 4.0))).collect();
     let mut table = Vec::with_capacity(grid_size * grid_size * d_model);
