@@ -102,7 +102,7 @@ impl<B: Backend> TokenChoiceLayer<B> {
         let longest = (counts.clone().max().into_scalar().elem::<f64>() as usize).max(1);
         let expert_major = assigned.clone().transpose(); // [E, S]
                                                          // Assigned tokens sort before the others; the order among them is irrelevant.
-        let (_, rows) = expert_major.clone().sort_descending_with_indices(1);
+        let (_, rows) = expert_major.sort_descending_with_indices(1);
         let rows = rows.narrow(1, 0, longest); // [E, longest]
         let weights = combine.clone().transpose().gather(1, rows.clone()); // [E, longest]
         let y = pool.unflatten(pool.dispatch(&self.experts, rows, weights));
