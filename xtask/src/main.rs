@@ -62,6 +62,10 @@ const CONFIG_FILES: &[&str] = &[
     "diffmoe-tiny-e8-flow",
     "dense-dit-tiny-ddpm",
     "diffmoe-tiny-e8-ddpm",
+    "dense-dit-mini-flow",
+    "tc-dit-mini-e8-flow",
+    "ec-dit-mini-e8-flow",
+    "diffmoe-mini-e8-flow",
 ];
 
 fn main() -> Result<()> {

@@ -25,5 +25,4 @@ compile_error!("enable one backend feature: flex (default), cuda or wgpu");
 pub use chosen::Backend;
 
 /// The backend with automatic differentiation, for training and gradients.
-#[allow(dead_code)]
 pub type AutodiffBackend = burn::backend::Autodiff<Backend>;

@@ -1,7 +1,9 @@
 //! The `diffmoe` command line: parses arguments and calls the library crates.
 
 mod backend;
+mod device;
 mod info;
+mod train;
 
 use std::path::PathBuf;
 
@@ -29,6 +31,8 @@ enum Command {
     },
     /// List the presets.
     Presets,
+    /// Train a model (flow or DDPM, any preset) on images or latents; resumable.
+    Train(train::TrainArgs),
     /// Convert official weights (`.safetensors` or a `train.py` checkpoint `.pt`)
     /// into this project's safetensors format (the config stored inside).
     Convert {
@@ -52,6 +56,7 @@ fn main() -> Result<()> {
             let run = RunConfig::resolve(&config)?;
             print!("{}", info::report(&run, !brief));
         }
+        Command::Train(args) => train::run(args)?,
         Command::Presets => {
             for name in preset_names() {
                 println!("{name}");

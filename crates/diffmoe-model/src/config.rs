@@ -10,6 +10,7 @@ use diffmoe_core::{capacity_k, ExpertKind};
 
 use crate::error::ConfigError;
 use crate::preset;
+use crate::recipe::TrainConfig;
 
 /// The MLP family of the paper's comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,12 +355,16 @@ pub struct RunConfig {
     pub objective: Objective,
     /// The network.
     pub model: DiTConfig,
+    /// The training recipe (the official one when the table is absent).
+    #[serde(default)]
+    pub train: TrainConfig,
 }
 
 impl RunConfig {
     /// Validates the config.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.model.validate()
+        self.model.validate()?;
+        self.train.validate()
     }
 
     /// Parses and validates TOML text; `origin` names the source in errors.

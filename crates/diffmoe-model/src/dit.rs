@@ -288,6 +288,21 @@ impl<B: Backend> DiT<B> {
         self
     }
 
+    /// The per-expert thresholds of every DiffMoE block, by block index.
+    ///
+    /// # Shapes
+    /// - each: `[n_experts]`
+    pub fn thresholds(&self) -> Vec<(usize, Tensor<B, 1>)> {
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, block)| match &block.mlp {
+                BlockMlp::DiffMoe(layer) => Some((i, layer.expert_threshold.val())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Sets the training capacity of every DiffMoE and EC layer (the official
     /// capacity schedule writes it to every block before each step).
     pub fn with_capacity(mut self, capacity: f64) -> Self {

@@ -11,6 +11,7 @@ mod embedding;
 mod error;
 mod params;
 mod preset;
+mod recipe;
 mod state_dict;
 mod torch_checkpoint;
 mod weights;
@@ -23,6 +24,9 @@ pub use embedding::{sincos_pos_embed_2d, timestep_embedding, LabelEmbedder, Patc
 pub use error::{ConfigError, ImportError};
 pub use params::{ParamCount, ParamReport};
 pub use preset::{preset, preset_names, presets};
+pub use recipe::{
+    BadFiles, CapacitySchedule, DataConfig, Flip, GridConfig, OptimizerConfig, TimestepSampling, TrainConfig,
+};
 pub use state_dict::{HostTensor, StateDict};
 pub use torch_checkpoint::{checkpoint_entries, read_state_dict, TorchCheckpointError, TorchTensor};
-pub use weights::{load_weights, save_weights, WeightSource};
+pub use weights::{load_weights, save_weights, write_atomically, WeightSource};

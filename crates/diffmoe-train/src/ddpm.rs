@@ -5,6 +5,8 @@
 //!
 //! The schedule is computed in f64 like the official numpy arrays; values are
 //! rounded to f32 when taken per timestep, as `_extract_into_tensor` does.
+//! The posterior helpers (`x_0` from `eps`, posterior mean, learned-range
+//! variance) and respacing are shared with the samplers in `crate::sampler`.
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
@@ -96,9 +98,112 @@ impl DdpmSchedule {
     ///
     /// # Shapes
     /// - returns `[batch, 1, 1, 1]`
-    fn extract<B: Backend>(&self, t: &[usize], f: impl Fn(usize) -> f64, device: &B::Device) -> Tensor<B, 4> {
+    pub(crate) fn extract<B: Backend>(
+        &self,
+        t: &[usize],
+        f: impl Fn(usize) -> f64,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
         let values: Vec<f32> = t.iter().map(|&i| f(i) as f32).collect();
         Tensor::from_data(TensorData::new(values, [t.len(), 1, 1, 1]), device)
+    }
+
+    /// The schedule of a respaced diffusion (official `SpacedDiffusion`):
+    /// only the steps in `kept` remain, and each kept step's beta is
+    /// recomputed as `1 - acp_i / acp_prev_kept` so that the kept
+    /// `alphas_cumprod` are exactly the original ones.
+    ///
+    /// # Panics
+    /// If `kept` is empty, or names a step outside the schedule.
+    pub fn respaced(&self, kept: &[usize]) -> Self {
+        assert!(!kept.is_empty(), "a respaced schedule needs at least one step");
+        let mut keep = vec![false; self.steps()];
+        for &i in kept {
+            assert!(i < self.steps(), "respaced step {i} is outside a schedule of {} steps", self.steps());
+            keep[i] = true;
+        }
+        let mut last_alpha_cumprod = 1.0;
+        let mut betas = Vec::with_capacity(kept.len());
+        for (i, &acp) in self.alphas_cumprod.iter().enumerate() {
+            if keep[i] {
+                betas.push(1.0 - acp / last_alpha_cumprod);
+                last_alpha_cumprod = acp;
+            }
+        }
+        Self::from_betas(betas)
+    }
+
+    /// `x_0` predicted from the noise prediction (official
+    /// `_predict_xstart_from_eps`): `sqrt(1/acp_t) x_t - sqrt(1/acp_t - 1) eps`.
+    ///
+    /// # Shapes
+    /// - `x_t`, `eps`: `[batch, C, H, W]`, `t`: one step index per sample -> `[batch, C, H, W]`
+    pub fn predict_xstart_from_eps<B: Backend>(
+        &self,
+        x_t: Tensor<B, 4>,
+        t: &[usize],
+        eps: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let device = x_t.device();
+        self.extract::<B>(t, |i| (1.0 / self.alphas_cumprod[i]).sqrt(), &device) * x_t
+            - self.extract::<B>(t, |i| (1.0 / self.alphas_cumprod[i] - 1.0).sqrt(), &device) * eps
+    }
+
+    /// The noise implied by an `x_0` prediction (official
+    /// `_predict_eps_from_xstart`): `(sqrt(1/acp_t) x_t - x_0) / sqrt(1/acp_t - 1)`.
+    ///
+    /// # Shapes
+    /// - `x_t`, `pred_xstart`: `[batch, C, H, W]`, `t`: one step index per sample -> `[batch, C, H, W]`
+    pub fn predict_eps_from_xstart<B: Backend>(
+        &self,
+        x_t: Tensor<B, 4>,
+        t: &[usize],
+        pred_xstart: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        let device = x_t.device();
+        (self.extract::<B>(t, |i| (1.0 / self.alphas_cumprod[i]).sqrt(), &device) * x_t - pred_xstart)
+            / self.extract::<B>(t, |i| (1.0 / self.alphas_cumprod[i] - 1.0).sqrt(), &device)
+    }
+
+    /// Mean of the posterior `q(x_{t-1} | x_t, x_0)` (official
+    /// `q_posterior_mean_variance`): `coef1_t x_0 + coef2_t x_t`.
+    ///
+    /// # Shapes
+    /// - `x_start`, `x_t`: `[batch, C, H, W]`, `t`: one step index per sample -> `[batch, C, H, W]`
+    pub fn q_posterior_mean<B: Backend>(&self, x_start: Tensor<B, 4>, x_t: Tensor<B, 4>, t: &[usize]) -> Tensor<B, 4> {
+        let device = x_t.device();
+        self.extract::<B>(t, |i| self.posterior_mean_coef1[i], &device) * x_start
+            + self.extract::<B>(t, |i| self.posterior_mean_coef2[i], &device) * x_t
+    }
+
+    /// The learned-range log-variance (official `LEARNED_RANGE`): the model's
+    /// variance channels `v` in `[-1, 1]` interpolate, with `frac = (v + 1) / 2`,
+    /// between the clipped posterior log-variance (`v = -1`) and `log beta_t`
+    /// (`v = 1`).
+    ///
+    /// # Shapes
+    /// - `v`: `[batch, C, H, W]`, `t`: one step index per sample -> `[batch, C, H, W]`
+    pub fn learned_range_log_variance<B: Backend>(&self, v: Tensor<B, 4>, t: &[usize]) -> Tensor<B, 4> {
+        let device = v.device();
+        let min_log = self.extract::<B>(t, |i| self.posterior_log_variance_clipped[i], &device);
+        let max_log = self.extract::<B>(t, |i| self.betas[i].ln(), &device);
+        let frac = (v + 1.0) / 2.0;
+        frac.clone() * max_log + (frac.neg() + 1.0) * min_log
+    }
+
+    /// The fixed "large" log-variance (official `FIXED_LARGE`, what
+    /// `create_diffusion` picks without a learned sigma): `log beta_t`, with
+    /// the posterior variance of step 1 at step 0 for a better decoder
+    /// likelihood.
+    ///
+    /// # Shapes
+    /// - `t`: one step index per sample -> `[batch, 1, 1, 1]`
+    pub fn fixed_large_log_variance<B: Backend>(&self, t: &[usize], device: &B::Device) -> Tensor<B, 4> {
+        let variance = |i: usize| match i {
+            0 => self.posterior_variance.get(1).copied().unwrap_or(self.betas[0]),
+            i => self.betas[i],
+        };
+        self.extract::<B>(t, |i| variance(i).ln(), device)
     }
 
     /// `q(x_t | x_0)`: `sqrt(acp_t) x_0 + sqrt(1 - acp_t) noise`.
@@ -156,18 +261,11 @@ impl DdpmSchedule {
     ) -> Tensor<B, 1> {
         let device = x_start.device();
         let ex = |f: &dyn Fn(usize) -> f64| self.extract::<B>(t, f, &device);
-        let coef1 = ex(&|i| self.posterior_mean_coef1[i]);
-        let coef2 = ex(&|i| self.posterior_mean_coef2[i]);
-        let true_mean = coef1.clone() * x_start.clone() + coef2.clone() * x_t.clone();
+        let true_mean = self.q_posterior_mean(x_start.clone(), x_t.clone(), t);
         let true_log_var = ex(&|i| self.posterior_log_variance_clipped[i]);
-        // Learned range: interpolate between the posterior and beta log-variances.
-        let min_log = true_log_var.clone();
-        let max_log = ex(&|i| self.betas[i].ln());
-        let frac = (v + 1.0) / 2.0;
-        let log_var = frac.clone() * max_log + (frac.neg() + 1.0) * min_log;
-        let pred_xstart = ex(&|i| (1.0 / self.alphas_cumprod[i]).sqrt()) * x_t.clone()
-            - ex(&|i| (1.0 / self.alphas_cumprod[i] - 1.0).sqrt()) * eps;
-        let mean = coef1 * pred_xstart + coef2 * x_t;
+        let log_var = self.learned_range_log_variance(v, t);
+        let pred_xstart = self.predict_xstart_from_eps(x_t.clone(), t, eps);
+        let mean = self.q_posterior_mean(pred_xstart, x_t, t);
         let ln2 = std::f64::consts::LN_2;
         let kl = mean_flat(normal_kl(true_mean, true_log_var, mean.clone(), log_var.clone())).div_scalar(ln2);
         let nll = mean_flat(discretized_gaussian_log_likelihood(x_start, mean, log_var.mul_scalar(0.5)).neg())

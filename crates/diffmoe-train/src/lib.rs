@@ -5,14 +5,49 @@
 //! loss, and the parity checker against the official fixtures.
 
 mod capacity_loss;
+mod checkpoint;
+pub mod data;
+mod data_parallel;
 mod ddpm;
+mod ema;
+mod error;
 mod flow;
+mod gradient_buffer;
 mod gradients;
+mod image_grid;
 mod loss_terms;
+mod optimizer;
+mod param_path;
 pub mod parity;
+mod preview;
+mod replica;
+pub mod sampler;
+mod step_rng;
+mod train_log;
+mod trainer;
 
 pub use capacity_loss::{bce_with_logits, capacity_terms};
+pub use checkpoint::{
+    checkpoint_dir, first_difference, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
+    Checkpoint, CheckpointError, TrainState, CHECKPOINTS_DIR,
+};
+pub use data_parallel::{train_data_parallel, ThreadReplica};
 pub use ddpm::{DdpmSchedule, DDPM_STEPS};
+pub use ema::Ema;
+pub use error::TrainError;
 pub use flow::flow_loss;
+pub use gradient_buffer::GradientBuffer;
 pub use gradients::gradient_model;
+pub use image_grid::{save_grid, save_png};
 pub use loss_terms::LossTerms;
+pub use optimizer::{AdamW, Moments, OptimizerState};
+pub use param_path::{param_infos, ParamInfo};
+pub use preview::{grid_classes, grid_images, GridImages};
+pub use replica::{Replica, SingleProcess};
+pub use sampler::{space_timesteps, DdpmSampler, Denoiser, DiTDenoiser, FlowSampler, FlowSolver, Record};
+pub use step_rng::{normal, step_rng, uniform, Stream};
+pub use train_log::{LogRecord, TrainLog, LOG_FILE};
+pub use trainer::{
+    read_run_config, RunInfo, Silent, Start, StepProgress, TrainObserver, TrainSummary, Trainer, CONFIG_FILE,
+    SAMPLES_DIR,
+};

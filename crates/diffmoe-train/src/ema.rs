@@ -1,0 +1,126 @@
+//! The exponential moving average of the weights that DiT-style models are
+//! sampled from (official `train.py` `update_ema`, decay 0.9999).
+//!
+//! Like the official code, the average runs over **every** float tensor of
+//! the model, buffers included: the EMA model's `expert_threshold` is an EMA
+//! of the training thresholds (which are themselves an EMA of the per-step
+//! quantiles), and the constant `pos_embed` and `ema_decay` buffers are
+//! "averaged" into themselves.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{backend::Backend, Tensor};
+
+use diffmoe_model::DiT;
+
+use crate::param_path::PathStack;
+
+/// The EMA model and its decay.
+#[derive(Debug, Clone)]
+pub struct Ema<B: Backend> {
+    /// The averaged weights.
+    pub model: DiT<B>,
+    /// `ema <- decay * ema + (1 - decay) * model` at every optimizer step.
+    pub decay: f64,
+}
+
+struct Flatten<B: Backend> {
+    path: PathStack,
+    out: BTreeMap<String, Tensor<B, 1>>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Flatten<B> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.enter(name);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let value = param.val();
+        let numel = value.shape().num_elements();
+        self.out.insert(self.path.key(), value.reshape([numel]));
+    }
+}
+
+struct Blend<B: Backend> {
+    path: PathStack,
+    source: BTreeMap<String, Tensor<B, 1>>,
+    decay: f64,
+}
+
+impl<B: Backend> ModuleMapper<B> for Blend<B> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.enter(name);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, ema, mapper) = param.consume();
+        let key = self.path.key();
+        let source = self.source.remove(&key).unwrap_or_else(|| panic!("EMA: the model has no parameter {key}"));
+        let dims = ema.dims();
+        // Official: ema.mul_(decay).add_(param, alpha=1 - decay).
+        let blended = ema.mul_scalar(self.decay) + source.reshape(dims).mul_scalar(1.0 - self.decay);
+        Param::from_mapped_value(id, blended, mapper)
+    }
+}
+
+impl<B: Backend> Ema<B> {
+    /// An EMA starting at `model` (official `update_ema(ema, model, decay=0)`).
+    pub fn new(model: DiT<B>, decay: f64) -> Self {
+        Self { model, decay }
+    }
+
+    /// One EMA step towards `model` (its inference copy, `model.valid()`).
+    ///
+    /// # Panics
+    /// If `model` is not the same network as the EMA.
+    pub fn update(&mut self, model: &DiT<B>) {
+        let mut flat = Flatten { path: PathStack::default(), out: BTreeMap::new() };
+        model.visit(&mut flat);
+        let mut blend = Blend { path: PathStack::default(), source: flat.out, decay: self.decay };
+        self.model = self.model.clone().map(&mut blend);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use diffmoe_model::preset;
+
+    #[test]
+    fn ema_moves_every_tensor_by_one_minus_decay_buffers_included() {
+        let config = preset("diffmoe-tiny-e8-flow").unwrap().model;
+        let device = Default::default();
+        let a = config.init::<Flex>(&device);
+        let b = config.init::<Flex>(&device);
+        let mut ema = Ema::new(a.clone(), 0.75);
+        ema.update(&b);
+        let fa = {
+            let mut f = Flatten { path: PathStack::default(), out: BTreeMap::new() };
+            a.visit(&mut f);
+            f.out
+        };
+        let fb = {
+            let mut f = Flatten { path: PathStack::default(), out: BTreeMap::new() };
+            b.visit(&mut f);
+            f.out
+        };
+        let mut fe = Flatten { path: PathStack::default(), out: BTreeMap::new() };
+        ema.model.visit(&mut fe);
+        assert_eq!(fe.out.len(), fa.len());
+        for (k, e) in fe.out {
+            let expected = fa[&k].clone().mul_scalar(0.75) + fb[&k].clone().mul_scalar(0.25);
+            let diff: f32 = (e - expected).abs().max().into_scalar();
+            assert!(diff <= 1e-6, "{k}: {diff}");
+        }
+    }
+}
