@@ -1,6 +1,9 @@
 //! Development tasks: `cargo xtask parity [DIR]` checks this port against the
-//! official implementation's fixtures; `cargo xtask configs` writes the
+//! official implementation's fixtures; `cargo xtask bench` times training,
+//! inference, sampling and MLP layers; `cargo xtask configs` writes the
 //! preset TOML files of `configs/`.
+
+mod bench;
 
 use std::path::PathBuf;
 
@@ -31,6 +34,9 @@ enum Command {
         #[arg(default_value = "../shared/fixtures/parity")]
         dir: PathBuf,
     },
+    /// Time train steps, inference forwards, sampling and MLP layers; print a
+    /// table and write JSON.
+    Bench(bench::BenchArgs),
     /// Write configs/<name>.toml for the paper's table rows and the tiny presets.
     Configs {
         /// Output directory.
@@ -68,6 +74,35 @@ const CONFIG_FILES: &[&str] = &[
     "diffmoe-mini-e8-flow",
 ];
 
+type Device = burn::tensor::Device<Backend>;
+
+/// The device named by `--device`, which must belong to the compiled backend.
+fn device(spec: &str) -> Result<Device> {
+    let (kind, index) = match spec.split_once(':') {
+        Some((kind, i)) => (kind, i.parse::<usize>().with_context(|| format!("--device {spec}: bad index"))?),
+        None => (spec, 0),
+    };
+    let compiled = if cfg!(feature = "cuda") {
+        "cuda"
+    } else if cfg!(feature = "wgpu") {
+        "wgpu"
+    } else {
+        "cpu"
+    };
+    if kind != compiled {
+        bail!("--device {spec}: this xtask was built for {compiled} (build with --features cuda or wgpu for a GPU)");
+    }
+    #[cfg(feature = "cuda")]
+    return Ok(burn::backend::cuda::CudaDevice::new(index));
+    #[cfg(not(feature = "cuda"))]
+    {
+        if index != 0 {
+            bail!("--device {spec}: only device 0 is supported for {compiled}");
+        }
+        Ok(Default::default())
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Parity { dir } => {
@@ -78,6 +113,17 @@ fn main() -> Result<()> {
                 bail!("parity failed");
             }
             println!("parity: all checked groups within tolerance");
+        }
+        Command::Bench(args) => {
+            let device = device(&args.device)?;
+            let report = bench::run::<Backend>(&args, &device)?;
+            print!("{}", bench::format_table(&report));
+            if let Some(dir) = args.json.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let json = serde_json::to_string_pretty(&report)?;
+            diffmoe_model::write_atomically(&args.json, json.as_bytes())?;
+            println!("wrote {}", args.json.display());
         }
         Command::Configs { out } => {
             std::fs::create_dir_all(&out)?;

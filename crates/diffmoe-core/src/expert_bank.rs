@@ -6,6 +6,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, Tensor};
 
 use crate::activation::gelu_tanh;
+use crate::broadcast::broadcast_middle;
 use crate::init;
 
 /// Which feed-forward network each expert (and each dense MLP) is.
@@ -102,8 +103,9 @@ impl<B: Backend> ExpertBank<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
             Self::Gelu(e) => {
-                let h = x.matmul(e.fc1_weight.val()) + e.fc1_bias.val().unsqueeze_dim(1); // [E, K, H]
-                gelu_tanh(h).matmul(e.fc2_weight.val()) + e.fc2_bias.val().unsqueeze_dim(1)
+                let k = x.dims()[1];
+                let h = x.matmul(e.fc1_weight.val()) + broadcast_middle(e.fc1_bias.val(), k); // [E, K, H]
+                gelu_tanh(h).matmul(e.fc2_weight.val()) + broadcast_middle(e.fc2_bias.val(), k)
                 // [E, K, D]
             }
             Self::SwiGlu(e) => {

@@ -15,6 +15,7 @@
 //! caller applies the threshold update ([`DiffMoeLayer::with_updated_thresholds`]).
 
 mod activation;
+mod broadcast;
 mod capacity;
 mod expert_bank;
 mod expert_choice;
@@ -26,6 +27,7 @@ mod token_choice;
 mod token_pool;
 
 pub use activation::gelu_tanh;
+pub use broadcast::broadcast_middle;
 pub use capacity::{capacity_k, CapacityPredictor};
 pub use expert_bank::{ExpertBank, ExpertKind, GeluExperts, SwiGluExperts};
 pub use expert_choice::{ExpertChoiceConfig, ExpertChoiceLayer};

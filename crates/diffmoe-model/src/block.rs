@@ -5,7 +5,9 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{activation, backend::Backend, Tensor};
 
-use diffmoe_core::{DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats, TokenChoiceLayer};
+use diffmoe_core::{
+    broadcast_middle, DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats, TokenChoiceLayer,
+};
 
 use crate::attention::Attention;
 
@@ -58,7 +60,8 @@ pub fn layer_norm<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
 /// # Shapes
 /// - `x`: `[batch, tokens, d_model]`, `shift`, `scale`: `[batch, d_model]`
 pub fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
-    x * (scale.unsqueeze_dim::<3>(1) + 1.0) + shift.unsqueeze_dim(1)
+    let tokens = x.dims()[1];
+    x * broadcast_middle(scale.add_scalar(1.0), tokens) + broadcast_middle(shift, tokens)
 }
 
 /// One DiT block.
@@ -87,9 +90,10 @@ impl<B: Backend> DiTBlock<B> {
         let (shift_msa, scale_msa, gate_msa) = (next(), next(), next());
         let (shift_mlp, scale_mlp, gate_mlp) = (next(), next(), next());
         let h = self.attn.forward(modulate(layer_norm(x.clone()), shift_msa, scale_msa));
-        let x = x + gate_msa.unsqueeze_dim(1) * h;
+        let tokens = x.dims()[1];
+        let x = x + broadcast_middle(gate_msa, tokens) * h;
         let (h, stats) = self.mlp.forward(modulate(layer_norm(x.clone()), shift_mlp, scale_mlp), routing);
-        (x + gate_mlp.unsqueeze_dim(1) * h, stats)
+        (x + broadcast_middle(gate_mlp, tokens) * h, stats)
     }
 }
 

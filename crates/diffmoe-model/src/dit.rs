@@ -121,7 +121,9 @@ impl DiTConfig {
         }
     }
 
-    fn block_mlp<B: Backend>(&self, i: usize, device: &B::Device) -> BlockMlp<B> {
+    /// The freshly initialised MLP of block `i`: dense, or the MoE layer of the
+    /// family where block `i` is an MoE block.
+    pub fn block_mlp<B: Backend>(&self, i: usize, device: &B::Device) -> BlockMlp<B> {
         let (d, h) = (self.hidden_size, self.mlp_hidden());
         let moe = match (&self.moe, self.is_moe_block(i)) {
             (Some(moe), true) => moe,

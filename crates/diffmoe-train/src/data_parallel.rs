@@ -7,7 +7,7 @@
 //! DDP does), each DiffMoE layer's thresholds after every update (the
 //! official `all_reduce(SUM) / world_size`) and the logged losses. The
 //! reduction moves tensors to the first device, sums them there and copies
-//! the result back (on CUDA, burn moves tensors between GPUs with NCCL).
+//! the result back (on CUDA, cubecl copies tensors directly between GPUs).
 //! Replicas start from the same seed, so their weights are equal without a
 //! broadcast, and stay equal because they apply equal updates.
 

@@ -9,12 +9,12 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor};
 
 use diffmoe_model::DiT;
 
-use crate::param_path::PathStack;
+use crate::param_path::{map_named, visit_named, NamedMapper, NamedVisitor};
 
 /// The EMA model and its decay.
 #[derive(Debug, Clone)]
@@ -25,46 +25,30 @@ pub struct Ema<B: Backend> {
     pub decay: f64,
 }
 
-struct Flatten<B: Backend> {
-    path: PathStack,
-    out: BTreeMap<String, Tensor<B, 1>>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Flatten<B> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
+/// Every float tensor of a model, flattened to `[numel]`, by name.
+fn flatten<B: Backend>(model: &DiT<B>) -> BTreeMap<String, Tensor<B, 1>> {
+    struct Flatten<B: Backend>(BTreeMap<String, Tensor<B, 1>>);
+    impl<B: Backend> NamedVisitor<B> for Flatten<B> {
+        fn visit<const D: usize>(&mut self, name: String, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            let numel = value.shape().num_elements();
+            self.0.insert(name, value.reshape([numel]));
+        }
     }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let value = param.val();
-        let numel = value.shape().num_elements();
-        self.out.insert(self.path.key(), value.reshape([numel]));
-    }
+    let mut flat = Flatten(BTreeMap::new());
+    visit_named(model, &mut flat);
+    flat.0
 }
 
 struct Blend<B: Backend> {
-    path: PathStack,
     source: BTreeMap<String, Tensor<B, 1>>,
     decay: f64,
 }
 
-impl<B: Backend> ModuleMapper<B> for Blend<B> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+impl<B: Backend> NamedMapper<B> for Blend<B> {
+    fn map<const D: usize>(&mut self, name: String, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, ema, mapper) = param.consume();
-        let key = self.path.key();
-        let source = self.source.remove(&key).unwrap_or_else(|| panic!("EMA: the model has no parameter {key}"));
+        let source = self.source.remove(&name).unwrap_or_else(|| panic!("EMA: the model has no parameter {name}"));
         let dims = ema.dims();
         // Official: ema.mul_(decay).add_(param, alpha=1 - decay).
         let blended = ema.mul_scalar(self.decay) + source.reshape(dims).mul_scalar(1.0 - self.decay);
@@ -83,10 +67,8 @@ impl<B: Backend> Ema<B> {
     /// # Panics
     /// If `model` is not the same network as the EMA.
     pub fn update(&mut self, model: &DiT<B>) {
-        let mut flat = Flatten { path: PathStack::default(), out: BTreeMap::new() };
-        model.visit(&mut flat);
-        let mut blend = Blend { path: PathStack::default(), source: flat.out, decay: self.decay };
-        self.model = self.model.clone().map(&mut blend);
+        let mut blend = Blend { source: flatten(model), decay: self.decay };
+        self.model = map_named(self.model.clone(), &mut blend);
     }
 }
 
@@ -104,20 +86,9 @@ mod tests {
         let b = config.init::<Flex>(&device);
         let mut ema = Ema::new(a.clone(), 0.75);
         ema.update(&b);
-        let fa = {
-            let mut f = Flatten { path: PathStack::default(), out: BTreeMap::new() };
-            a.visit(&mut f);
-            f.out
-        };
-        let fb = {
-            let mut f = Flatten { path: PathStack::default(), out: BTreeMap::new() };
-            b.visit(&mut f);
-            f.out
-        };
-        let mut fe = Flatten { path: PathStack::default(), out: BTreeMap::new() };
-        ema.model.visit(&mut fe);
-        assert_eq!(fe.out.len(), fa.len());
-        for (k, e) in fe.out {
+        let (fa, fb, fe) = (flatten(&a), flatten(&b), flatten(&ema.model));
+        assert_eq!(fe.len(), fa.len());
+        for (k, e) in fe {
             let expected = fa[&k].clone().mul_scalar(0.75) + fb[&k].clone().mul_scalar(0.25);
             let diff: f32 = (e - expected).abs().max().into_scalar();
             assert!(diff <= 1e-6, "{k}: {diff}");

@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Param;
 use burn::tensor::{backend::AutodiffBackend, Tensor};
 
 use diffmoe_model::DiT;
 
-use crate::param_path::PathStack;
+use crate::param_path::{visit_named, NamedVisitor};
 
 /// Flattened gradients `[numel]` per trainable parameter, summed over the
 /// backward passes added so far.
@@ -25,25 +25,15 @@ impl<B: AutodiffBackend> Default for GradientBuffer<B> {
 }
 
 struct Collect<'a, B: AutodiffBackend> {
-    path: PathStack,
     grads: &'a B::Gradients,
     into: &'a mut BTreeMap<String, Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl<B: AutodiffBackend> NamedVisitor<B> for Collect<'_, B> {
+    fn visit<const D: usize>(&mut self, key: String, param: &Param<Tensor<B, D>>) {
         let Some(grad) = param.val().grad(self.grads) else { return };
         let numel = grad.shape().num_elements();
         let grad = grad.reshape([numel]); // [numel]
-        let key = self.path.key();
         let summed = match self.into.remove(&key) {
             Some(previous) => previous + grad,
             None => grad,
@@ -61,7 +51,7 @@ impl<B: AutodiffBackend> GradientBuffer<B> {
     /// Adds the gradients of one backward pass through `model` (summed, as
     /// PyTorch's `.grad` accumulates).
     pub fn accumulate(&mut self, model: &DiT<B>, grads: &B::Gradients) {
-        model.visit(&mut Collect::<B> { path: PathStack::default(), grads, into: &mut self.grads });
+        visit_named(model, &mut Collect::<B> { grads, into: &mut self.grads });
     }
 
     /// Whether nothing has been accumulated.

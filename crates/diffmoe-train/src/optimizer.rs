@@ -13,13 +13,13 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Param;
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorData};
 
 use diffmoe_model::{DiT, OptimizerConfig};
 
 use crate::gradient_buffer::GradientBuffer;
-use crate::param_path::PathStack;
+use crate::param_path::{map_named, NamedMapper};
 
 /// The first and second moments of one parameter, flattened to `[numel]`.
 #[derive(Debug, Clone)]
@@ -48,7 +48,6 @@ pub struct AdamW<B: AutodiffBackend> {
 }
 
 struct Update<'a, B: AutodiffBackend> {
-    path: PathStack,
     grads: GradientBuffer<B>,
     moments: &'a mut BTreeMap<String, Moments<B::InnerBackend>>,
     config: OptimizerConfig,
@@ -56,17 +55,8 @@ struct Update<'a, B: AutodiffBackend> {
     step: u64,
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let key = self.path.key();
+impl<B: AutodiffBackend> NamedMapper<B> for Update<'_, B> {
+    fn map<const D: usize>(&mut self, key: String, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let Some(grad) = self.grads.take(&key) else { return param };
         let (id, tensor, mapper) = param.consume();
         let require_grad = tensor.is_require_grad();
@@ -115,15 +105,8 @@ impl<B: AutodiffBackend> AdamW<B> {
     /// their moments), as PyTorch skips parameters whose `.grad` is `None`.
     pub fn step(&mut self, model: DiT<B>, grads: GradientBuffer<B>, lr: f64) -> DiT<B> {
         self.step += 1;
-        let mut update = Update {
-            path: PathStack::default(),
-            grads,
-            moments: &mut self.moments,
-            config: self.config,
-            lr,
-            step: self.step,
-        };
-        model.map(&mut update)
+        let mut update = Update { grads, moments: &mut self.moments, config: self.config, lr, step: self.step };
+        map_named(model, &mut update)
     }
 
     /// The state on the host.

@@ -4,28 +4,71 @@
 //! not by `ParamId`s (which are fresh for every loaded model), so state saved
 //! in a checkpoint finds its parameter again after a restart.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
-/// The path of the module being visited, maintained from burn's
-/// `enter_module` / `exit_module` calls.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct PathStack {
-    parts: Vec<String>,
+/// Visits every float parameter of a module with its dotted name.
+pub(crate) trait NamedVisitor<B: Backend> {
+    /// Called once per float parameter, in burn's visiting order.
+    fn visit<const D: usize>(&mut self, name: String, param: &Param<Tensor<B, D>>);
 }
 
-impl PathStack {
-    pub(crate) fn enter(&mut self, name: &str) {
-        self.parts.push(name.to_string());
+/// Maps every float parameter of a module, knowing its dotted name.
+pub(crate) trait NamedMapper<B: Backend> {
+    /// Called once per float parameter, in burn's visiting order.
+    fn map<const D: usize>(&mut self, name: String, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>>;
+}
+
+/// Runs `visitor` over the float parameters of `module`, with their names.
+pub(crate) fn visit_named<B: Backend, M: Module<B>>(module: &M, visitor: &mut impl NamedVisitor<B>) {
+    module.visit(&mut Named { path: Vec::new(), inner: visitor });
+}
+
+/// Runs `mapper` over the float parameters of `module`, with their names.
+pub(crate) fn map_named<B: Backend, M: Module<B>>(module: M, mapper: &mut impl NamedMapper<B>) -> M {
+    module.map(&mut Named { path: Vec::new(), inner: mapper })
+}
+
+/// Tracks the module path from burn's `enter_module` / `exit_module` calls
+/// and hands each parameter to the inner visitor or mapper with its name.
+struct Named<'a, V> {
+    path: Vec<String>,
+    inner: &'a mut V,
+}
+
+impl<V> Named<'_, V> {
+    fn key(&self) -> String {
+        self.path.join(".")
+    }
+}
+
+impl<B: Backend, V: NamedVisitor<B>> ModuleVisitor<B> for Named<'_, V> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
     }
 
-    pub(crate) fn exit(&mut self) {
-        self.parts.pop();
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
     }
 
-    /// The dotted name of the current parameter.
-    pub(crate) fn key(&self) -> String {
-        self.parts.join(".")
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let key = self.key();
+        self.inner.visit(key, param);
+    }
+}
+
+impl<B: Backend, V: NamedMapper<B>> ModuleMapper<B> for Named<'_, V> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let key = self.key();
+        self.inner.map(key, param)
     }
 }
 
@@ -41,35 +84,18 @@ pub struct ParamInfo {
     pub trainable: bool,
 }
 
-struct InfoVisitor {
-    path: PathStack,
-    out: Vec<ParamInfo>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for InfoVisitor {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.enter(name);
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.exit();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+impl<B: Backend> NamedVisitor<B> for Vec<ParamInfo> {
+    fn visit<const D: usize>(&mut self, name: String, param: &Param<Tensor<B, D>>) {
         let tensor = param.val();
-        self.out.push(ParamInfo {
-            name: self.path.key(),
-            shape: tensor.dims().to_vec(),
-            trainable: tensor.is_require_grad(),
-        });
+        self.push(ParamInfo { name, shape: tensor.dims().to_vec(), trainable: tensor.is_require_grad() });
     }
 }
 
 /// Every float parameter of `module`, in visiting order.
 pub fn param_infos<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
-    let mut visitor = InfoVisitor { path: PathStack::default(), out: Vec::new() };
-    module.visit(&mut visitor);
-    visitor.out
+    let mut infos = Vec::new();
+    visit_named(module, &mut infos);
+    infos
 }
 
 #[cfg(test)]

@@ -188,6 +188,14 @@ impl Computed {
         self.tensors.insert(key.into(), HostTensor::from_tensor(t));
     }
 
+    /// A one-element tensor stored as the reference's scalar (shape `[]`);
+    /// kept rank 1 on the device, since CUDA tensors cannot be rank 0.
+    fn put_scalar<B: Backend>(&mut self, key: impl Into<String>, t: Tensor<B, 1>) {
+        let mut host = HostTensor::from_tensor(t);
+        host.shape.clear();
+        self.tensors.insert(key.into(), host);
+    }
+
     fn scalar(&mut self, key: impl Into<String>, v: f64) {
         self.tensors.insert(key.into(), HostTensor { shape: vec![], data: vec![v as f32] });
     }
@@ -224,7 +232,7 @@ impl Computed {
                 self.put(format!("{p}.capacity_logits"), t.clone());
             }
             if let Some(aux) = &s.aux_loss {
-                self.put(format!("{p}.aux_loss"), aux.clone().reshape([0usize; 0]));
+                self.put_scalar(format!("{p}.aux_loss"), aux.clone());
             }
             if let (Some(q), BlockMlp::DiffMoe(layer)) = (&s.threshold_quantile, &model.blocks[r.block].mlp) {
                 self.put(format!("{p}.threshold_quantile"), q.clone());
@@ -288,16 +296,15 @@ impl Computed {
     }
 
     fn loss_terms<B: Backend>(&mut self, prefix: &str, model: &DiT<B>, terms: &LossTerms<B>, t_in: Tensor<B, 1>) {
-        let scalar = |t: Tensor<B, 1>| t.reshape([0usize; 0]);
         self.put(format!("{prefix}.mse"), terms.mse.clone());
         if let Some(vb) = &terms.vb {
             self.put(format!("{prefix}.vb"), vb.clone());
         }
-        self.put(format!("{prefix}.loss"), scalar(terms.loss.clone()));
-        self.put(format!("{prefix}.cp_loss"), scalar(terms.capacity_loss.clone()));
-        self.put(format!("{prefix}.aux_loss_sum"), scalar(terms.aux_loss.clone()));
+        self.put_scalar(format!("{prefix}.loss"), terms.loss.clone());
+        self.put_scalar(format!("{prefix}.cp_loss"), terms.capacity_loss.clone());
+        self.put_scalar(format!("{prefix}.aux_loss_sum"), terms.aux_loss.clone());
         for (block, bce) in &terms.capacity {
-            self.put(format!("{prefix}.Capacity_Pred_loss.L{block}"), scalar(bce.clone()));
+            self.put_scalar(format!("{prefix}.Capacity_Pred_loss.L{block}"), bce.clone());
         }
         self.put(format!("{prefix}.model_in.x"), terms.model_input.clone());
         self.put(format!("{prefix}.model_in.t"), t_in);

@@ -1,0 +1,289 @@
+//! `cargo xtask bench`: timings of training steps, inference forwards,
+//! sampling and MLP layers, for any preset or shape, on the backend the
+//! binary was built with. Every case is warmed up first; the device is
+//! synchronised before the clock is read. A table goes to stdout and every
+//! figure to a JSON file (see docs/benchmarks.md).
+
+pub mod flops;
+pub mod memory;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Tensor};
+use clap::Args;
+use serde::Serialize;
+
+use diffmoe_model::{Family, RunConfig};
+
+use workload::{cases, Workload};
+
+/// Arguments of `cargo xtask bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Presets or config files to run (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',', default_value = "dense-dit-tiny-flow,diffmoe-tiny-e8-flow")]
+    pub preset: Vec<String>,
+    /// Workloads (comma-separated or repeated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "train-step,eval-forward,sample,mlp-layer")]
+    pub workload: Vec<Workload>,
+    /// Images per iteration.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Input side in pixels or latent cells (default: the preset's).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Input channels (default: the preset's).
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Patch size (default: the preset's).
+    #[arg(long)]
+    pub patch_size: Option<usize>,
+    /// `cpu`, `cuda`, `cuda:N` or `wgpu`; it must match the backend the
+    /// binary was built with (`--features cuda`, `--features wgpu`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Timed iterations per case (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub repeat: usize,
+    /// Untimed iterations per case before timing.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Sampler steps of the `sample` workload.
+    #[arg(long, default_value_t = 4)]
+    pub sample_steps: usize,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "target/bench/bench.json")]
+    pub json: PathBuf,
+}
+
+/// One measured case.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Preset name.
+    pub preset: String,
+    /// Model family.
+    pub family: String,
+    /// Workload.
+    pub workload: Workload,
+    /// `train`, `static`, `dynamic`, or the MLP family of `mlp-layer`.
+    pub variant: String,
+    /// Images per iteration.
+    pub batch: usize,
+    /// Tokens per image.
+    pub tokens_per_image: usize,
+    /// Timed iterations.
+    pub repeat: usize,
+    /// Median seconds per iteration.
+    pub median_s: f64,
+    /// Fastest iteration.
+    pub min_s: f64,
+    /// Slowest iteration.
+    pub max_s: f64,
+    /// Tokens through the model per second (per model call times calls).
+    pub tokens_per_s: f64,
+    /// Images per second.
+    pub images_per_s: f64,
+    /// Peak resident memory of the process during the case (CPU only).
+    pub peak_memory_bytes: Option<u64>,
+    /// Model FLOPs of one iteration (see `flops.rs`).
+    pub flops: f64,
+    /// Achieved FLOP/s over the device's measured matmul peak.
+    pub mfu: f64,
+    /// Expert-token evaluations per model call over all MoE blocks, over
+    /// tokens times MoE blocks: the experts a token meets on average.
+    pub experts_per_token: Option<f64>,
+    /// Median over the median of the dense row of the same workload in this
+    /// run, where there is one.
+    pub vs_dense: Option<f64>,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// `git rev-parse HEAD` of the working tree, if available.
+    pub commit: Option<String>,
+    /// The backend and device.
+    pub device: String,
+    /// Measured f32 matmul rate used for MFU, FLOP/s.
+    pub matmul_peak_flops: f64,
+    /// The side of the square matmul that measured it.
+    pub matmul_peak_size: usize,
+    /// The command line.
+    pub command: String,
+    /// One row per case.
+    pub rows: Vec<Row>,
+}
+
+/// Runs the benchmark on backend `B`.
+pub fn run<B: AutodiffBackend>(args: &BenchArgs, device: &B::Device) -> Result<Report> {
+    if args.repeat == 0 || args.batch == 0 || args.sample_steps == 0 {
+        bail!("--repeat, --batch and --sample-steps must be at least 1");
+    }
+    let runs = args
+        .preset
+        .iter()
+        .map(|name| {
+            let mut run = RunConfig::resolve(name).with_context(|| format!("--preset {name}"))?;
+            if let Some(s) = args.image_size {
+                run.model.input_size = s;
+            }
+            if let Some(c) = args.channels {
+                run.model.in_channels = c;
+            }
+            if let Some(p) = args.patch_size {
+                run.model.patch_size = p;
+            }
+            run.model.validate().with_context(|| format!("--preset {name} with the given shape"))?;
+            Ok(run)
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let (peak, size) = matmul_peak::<B::InnerBackend>(device);
+    let device_name = B::name(device);
+    eprintln!("{device_name}: f32 matmul {size}^3 at {:.1} GFLOP/s", peak / 1e9);
+
+    let mut rows = Vec::new();
+    for run in &runs {
+        for &workload in &args.workload {
+            for mut case in cases::<B>(workload, run, args.batch, args.sample_steps, device) {
+                eprint!("{} {} {} ... ", run.name, workload.name(), case.variant);
+                for _ in 0..args.warmup {
+                    (case.run)();
+                }
+                B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+                let cpu = device_name.contains("flex") && memory::reset_peak();
+                let mut times = Vec::with_capacity(args.repeat);
+                for _ in 0..args.repeat {
+                    let start = Instant::now();
+                    (case.run)();
+                    B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+                    times.push(start.elapsed().as_secs_f64());
+                }
+                let peak_memory_bytes = if cpu { memory::peak_bytes() } else { None };
+                times.sort_by(f64::total_cmp);
+                let median = times[times.len() / 2];
+                let tokens = case.config.tokens();
+                let flops = case.layer_flops.unwrap_or_else(|| {
+                    case.passes
+                        * case.model_calls as f64
+                        * flops::forward_flops(&case.config, args.batch, case.expert_tokens)
+                });
+                let moe_blocks = match workload {
+                    Workload::MlpLayer => 1,
+                    _ => case.config.moe_blocks().len(),
+                };
+                let experts_per_token = case
+                    .expert_tokens
+                    .filter(|_| moe_blocks > 0)
+                    .map(|e| e / (args.batch * tokens * moe_blocks) as f64);
+                eprintln!("{median:.4} s");
+                rows.push(Row {
+                    preset: run.name.clone(),
+                    family: format!("{:?}", case.config.family).to_lowercase(),
+                    workload,
+                    variant: case.variant,
+                    batch: args.batch,
+                    tokens_per_image: tokens,
+                    repeat: args.repeat,
+                    median_s: median,
+                    min_s: times[0],
+                    max_s: times[times.len() - 1],
+                    tokens_per_s: (args.batch * tokens * case.model_calls) as f64 / median,
+                    images_per_s: args.batch as f64 / median,
+                    peak_memory_bytes,
+                    flops,
+                    mfu: flops / median / peak,
+                    experts_per_token,
+                    vs_dense: None,
+                });
+            }
+        }
+    }
+    relate_to_dense(&mut rows, &runs);
+    Ok(Report {
+        commit: git_commit(),
+        device: device_name,
+        matmul_peak_flops: peak,
+        matmul_peak_size: size,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        rows,
+    })
+}
+
+/// Fills `vs_dense`: against the dense variant for `mlp-layer`, and against
+/// the dense preset's row of the same workload otherwise.
+fn relate_to_dense(rows: &mut [Row], runs: &[RunConfig]) {
+    let dense_presets: Vec<&str> =
+        runs.iter().filter(|r| r.model.family == Family::Dense).map(|r| r.name.as_str()).collect();
+    let reference: Vec<(Workload, String, f64)> = rows
+        .iter()
+        .filter(|r| match r.workload {
+            Workload::MlpLayer => r.variant == "dense",
+            _ => dense_presets.contains(&r.preset.as_str()),
+        })
+        .map(|r| (r.workload, r.preset.clone(), r.median_s))
+        .collect();
+    for row in rows.iter_mut() {
+        let dense = reference
+            .iter()
+            .find(|(w, preset, _)| *w == row.workload && (row.workload != Workload::MlpLayer || *preset == row.preset));
+        row.vs_dense = dense.map(|(_, _, m)| row.median_s / m);
+    }
+}
+
+/// The f32 matmul rate of the device: the best of five square products.
+fn matmul_peak<B: Backend>(device: &B::Device) -> (f64, usize) {
+    let size = if B::name(device).contains("flex") { 1024 } else { 8192 };
+    let a = Tensor::<B, 2>::random([size, size], Distribution::Normal(0.0, 1.0), device);
+    let b = Tensor::<B, 2>::random([size, size], Distribution::Normal(0.0, 1.0), device);
+    let mut best = f64::INFINITY;
+    for i in 0..7 {
+        let start = Instant::now();
+        std::hint::black_box(a.clone().matmul(b.clone()));
+        B::sync(device).expect("device sync");
+        if i >= 2 {
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+    }
+    (2.0 * (size as f64).powi(3) / best, size)
+}
+
+fn git_commit() -> Option<String> {
+    let out = std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The table printed after a run.
+pub fn format_table(report: &Report) -> String {
+    let mut s = format!(
+        "device {} (f32 matmul peak {:.1} GFLOP/s), commit {}\n",
+        report.device,
+        report.matmul_peak_flops / 1e9,
+        report.commit.as_deref().unwrap_or("?")
+    );
+    s += &format!(
+        "{:<26} {:<13} {:<8} {:>10} {:>10} {:>10} {:>7} {:>9} {:>8} {:>9}\n",
+        "preset", "workload", "variant", "median s", "img/s", "tok/s", "MFU", "peak MB", "exp/tok", "vs dense"
+    );
+    for r in &report.rows {
+        let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+        s += &format!(
+            "{:<26} {:<13} {:<8} {:>10.4} {:>10.1} {:>10.0} {:>6.1}% {:>9} {:>8} {:>9}\n",
+            r.preset,
+            r.workload.name(),
+            r.variant,
+            r.median_s,
+            r.images_per_s,
+            r.tokens_per_s,
+            100.0 * r.mfu,
+            r.peak_memory_bytes.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / (1 << 20) as f64)),
+            opt(r.experts_per_token, 2),
+            opt(r.vs_dense, 2),
+        );
+    }
+    s
+}
