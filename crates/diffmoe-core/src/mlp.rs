@@ -7,6 +7,7 @@ use burn::tensor::{activation, backend::Backend, Tensor};
 
 use crate::activation::gelu_tanh;
 use crate::init;
+use crate::rows::on_rows;
 
 /// `fc2(gelu_tanh(fc1(x)))`, timm's `Mlp` with biases (official `Mlp`).
 #[derive(Module, Debug)]
@@ -26,7 +27,7 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[..., d_model]` -> `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.fc2.forward(gelu_tanh(self.fc1.forward(x)))
+        on_rows(x, |x| self.fc2.forward(gelu_tanh(self.fc1.forward(x))))
     }
 }
 
@@ -59,8 +60,10 @@ impl<B: Backend> SwiGluMlp<B> {
     /// # Shapes
     /// - `x`: `[..., d_model]` -> `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let gate = activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        on_rows(x, |x| {
+            let gate = activation::silu(self.gate_proj.forward(x.clone()));
+            self.down_proj.forward(gate * self.up_proj.forward(x))
+        })
     }
 }
 

@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{activation, backend::Backend, Tensor};
 
-use diffmoe_core::init;
+use diffmoe_core::{init, on_rows};
 
 /// Self-attention.
 #[derive(Module, Debug)]
@@ -37,12 +37,12 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [n, t, _] = x.dims();
         let (h, hd) = (self.num_heads, self.head_dim);
-        let qkv = self.qkv.forward(x).reshape([n, t, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, N, H, T, hd]
+        let qkv = on_rows(x, |x| self.qkv.forward(x)).reshape([n, t, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, N, H, T, hd]
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([n, h, t, hd]);
         let (q, k, v) = (part(0), part(1), part(2));
         let scale = (hd as f64).powf(-0.5);
         let weights = activation::softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3); // [N, H, T, T]
         let out = weights.matmul(v).swap_dims(1, 2).reshape([n, t, h * hd]); // [N, T, H*hd]
-        self.proj.forward(out)
+        on_rows(out, |out| self.proj.forward(out))
     }
 }

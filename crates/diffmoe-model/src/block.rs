@@ -6,7 +6,7 @@ use burn::nn::Linear;
 use burn::tensor::{activation, backend::Backend, Tensor};
 
 use diffmoe_core::{
-    broadcast_middle, DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats, TokenChoiceLayer,
+    broadcast_middle, on_rows, DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats, TokenChoiceLayer,
 };
 
 use crate::attention::Attention;
@@ -114,6 +114,6 @@ impl<B: Backend> FinalLayer<B> {
         let mut m = self.adaln_modulation.forward(activation::silu(c)).chunk(2, 1).into_iter();
         let shift = m.next().expect("two modulation chunks");
         let scale = m.next().expect("two modulation chunks");
-        self.linear.forward(modulate(layer_norm(x), shift, scale))
+        on_rows(modulate(layer_norm(x), shift, scale), |x| self.linear.forward(x))
     }
 }
