@@ -3,6 +3,7 @@
 mod backend;
 mod device;
 mod info;
+mod sample;
 mod train;
 
 use std::path::PathBuf;
@@ -33,6 +34,9 @@ enum Command {
     Presets,
     /// Train a model (flow or DDPM, any preset) on images or latents; resumable.
     Train(train::TrainArgs),
+    /// Sample a trained model: a grid, one PNG per sample, array files, and
+    /// where the compute went.
+    Sample(sample::SampleArgs),
     /// Convert official weights (`.safetensors` or a `train.py` checkpoint `.pt`)
     /// into this project's safetensors format (the config stored inside).
     Convert {
@@ -57,6 +61,7 @@ fn main() -> Result<()> {
             print!("{}", info::report(&run, !brief));
         }
         Command::Train(args) => train::run(args)?,
+        Command::Sample(args) => sample::run(args)?,
         Command::Presets => {
             for name in preset_names() {
                 println!("{name}");

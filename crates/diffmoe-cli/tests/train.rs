@@ -2,75 +2,11 @@
 //! and resumed repeats an uninterrupted run step for step, and bad input is
 //! a clear error that leaves what is on disk alone.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-/// A DiffMoE small enough to train a few steps in seconds: 16x16 Fashion-MNIST
-/// (the embedded set, centre-cropped and resized), 16 tokens, 4 experts.
-const CONFIG: &str = r#"
-name = "test-diffmoe"
-objective = "flow"
+mod common;
 
-[model]
-family = "diffmoe"
-input_size = 16
-patch_size = 4
-in_channels = 1
-hidden_size = 32
-depth = 2
-num_heads = 2
-mlp_ratio = 2.0
-class_dropout_prob = 0.1
-num_classes = 10
-learn_sigma = false
-mlp = "gelu"
-
-[model.moe]
-num_experts = 4
-capacity = 1.0
-layout = "interleaved"
-capacity_loss_weight = 1.0
-
-[train]
-steps = 6
-batch_size = 8
-log_every = 1
-checkpoint_every = 2
-keep_checkpoints = 2
-sample_every = 0
-ema_decay = 0.9
-
-[train.optimizer]
-learning_rate = 0.001
-
-[train.grid]
-per_class = 1
-steps = 2
-classes = [0, 1]
-
-[train.data]
-workers = 1
-"#;
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("diffmoe-cli-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn diffmoe(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffmoe"));
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("the diffmoe binary runs")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
+use common::{diffmoe, scratch, stderr, CONFIG};
 
 fn log_lines(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()

@@ -56,6 +56,15 @@ impl DiffMoeConfig {
     }
 }
 
+/// Which tokens an expert takes in the threshold modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Selection {
+    /// Its `k_e` best tokens by gate score (official `forward_eval`).
+    TopByGate,
+    /// Exactly its tokens above the threshold (per-token routing).
+    AboveThreshold,
+}
+
 /// A non-trainable tensor saved with the module (a PyTorch buffer).
 pub(crate) fn buffer<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
     Param::from_tensor(t).set_require_grad(false)
@@ -93,10 +102,15 @@ impl<B: Backend> DiffMoeLayer<B> {
     ///   `softmax` over experts, and every expert takes its top
     ///   `k = int((S / E) * capacity)` tokens by gate score; the output of a token
     ///   is `sum_e score[e, s] * expert_e(x_s)` over the experts that took it.
-    /// * `Dynamic`: `k_e = #{s : sigmoid(logit[s, e]) > threshold_e}` over the
-    ///   whole batch, then expert `e` takes its top `k_e` tokens by gate score.
-    ///   The `k_e` are read on the host once per layer (one synchronisation) to
-    ///   size the batched expert matmul.
+    /// * `Dynamic`: `k_e = #{s : sigmoid(logit[s, e]) > threshold_e + offset}`
+    ///   over the whole batch, then expert `e` takes its top `k_e` tokens by
+    ///   gate score (the official rule: not necessarily the tokens above the
+    ///   threshold).
+    /// * `PerToken`: expert `e` takes exactly the tokens with
+    ///   `sigmoid(logit[s, e]) > threshold_e + offset`.
+    ///
+    /// In the two threshold modes the `k_e` are read on the host once per
+    /// layer (one synchronisation) to size the batched expert matmul.
     ///
     /// # Shapes
     /// - `x`: `[batch, tokens, d_model]` -> `[batch, tokens, d_model]`
@@ -109,7 +123,12 @@ impl<B: Backend> DiffMoeLayer<B> {
         let scores = activation::softmax(pool.x.clone().matmul(self.gate_weight.val().transpose()), 1).transpose(); // [E, S]
         let (y, stats) = match routing {
             Routing::Train | Routing::Static => self.route_top_k(&pool, scores, logits),
-            Routing::Dynamic => self.route_dynamic(&pool, scores, logits),
+            Routing::Dynamic { threshold_offset } => {
+                self.route_by_threshold(&pool, scores, logits, threshold_offset, Selection::TopByGate)
+            }
+            Routing::PerToken { threshold_offset } => {
+                self.route_by_threshold(&pool, scores, logits, threshold_offset, Selection::AboveThreshold)
+            }
         };
         let y = pool.unflatten(y);
         let y = match &self.shared_experts {
@@ -139,22 +158,27 @@ impl<B: Backend> DiffMoeLayer<B> {
         (y, stats)
     }
 
-    /// Dynamic routing: `k_e` tokens above threshold, taken by gate score.
-    /// The top-`k_e` of a descending top-`max_e k_e` are its first `k_e`
-    /// entries, so all experts still run as one batched matmul, the slots past
-    /// `k_e` weighted by zero.
-    fn route_dynamic(
+    /// The threshold modes: expert `e` processes `k_e` tokens, the number
+    /// whose predicted probability exceeds its threshold (plus `offset`).
+    /// Every expert ranks the pool by a key whose first `k_e` entries are its
+    /// tokens (the gate scores for the official rule; for per-token routing
+    /// the gate scores of the tokens above the threshold, -1 elsewhere, which
+    /// is below any softmax score), takes the top `max_e k_e`, and weights the
+    /// slots past `k_e` by zero, so all experts still run as one batched matmul.
+    fn route_by_threshold(
         &self,
         pool: &TokenPool<B>,
         scores: Tensor<B, 2>,
         logits: Tensor<B, 2>,
+        offset: f64,
+        selection: Selection,
     ) -> (Tensor<B, 2>, RoutingStats<B>) {
         let n_experts = self.n_experts();
         let device = pool.x.device();
-        let thresholds = self.expert_threshold.val().unsqueeze_dim::<2>(0); // [1, E]
-        let above = activation::sigmoid(logits.clone()).greater(thresholds); // [S, E]
-        let counts = above.int().sum_dim(0).reshape([n_experts]); // [E]
-                                                                  // The one host synchronisation of this layer: the size of the expert batch.
+        let thresholds = self.expert_threshold.val().add_scalar(offset).unsqueeze_dim::<2>(0); // [1, E]
+        let above = activation::sigmoid(logits.clone()).greater(thresholds).transpose(); // [E, S]
+        let counts = above.clone().int().sum_dim(1).reshape([n_experts]); // [E]
+                                                                          // The one host synchronisation of this layer: the size of the expert batch.
         let k_max = counts.clone().max().into_scalar().elem::<i64>().max(0) as usize;
         let (y, mut stats) = if k_max == 0 {
             let d_model = pool.x.dims()[1];
@@ -162,10 +186,14 @@ impl<B: Backend> DiffMoeLayer<B> {
             let zero = Tensor::zeros([n_experts, 1], &device);
             (Tensor::zeros([pool.len(), d_model], &device), pool.expert_choice_stats(none, zero.clone(), zero))
         } else {
-            let (top, indices) = scores.topk_with_indices(k_max, 1); // [E, k_max]
+            let key = match selection {
+                Selection::TopByGate => scores.clone(),
+                Selection::AboveThreshold => scores.clone().mask_fill(above.bool_not(), -1.0),
+            }; // [E, S]
+            let (_, indices) = key.topk_with_indices(k_max, 1); // [E, k_max]
             let slot = Tensor::<B, 1, Int>::arange(0..k_max as i64, &device).unsqueeze_dim::<2>(0); // [1, k_max]
             let valid = slot.lower(counts.clone().unsqueeze_dim::<2>(1)).float(); // [E, k_max]
-            let weights = top * valid.clone();
+            let weights = scores.gather(1, indices.clone()) * valid.clone(); // [E, k_max]
             let y = pool.dispatch(&self.experts, indices.clone(), weights.clone());
             (y, pool.expert_choice_stats(indices, weights, valid))
         };
@@ -241,8 +269,84 @@ mod tests {
         // Threshold 0: every token is above (sigmoid > 0); threshold 1: none.
         layer.expert_threshold = buffer(Tensor::from_floats([0.0, 1.0, 0.0, 1.0], &Default::default()));
         let x = Tensor::<Flex, 3>::random([2, 8, 8], Distribution::Default, &Default::default());
-        let (_, stats) = layer.forward(x, Routing::Dynamic);
+        let (_, stats) = layer.forward(x, Routing::DYNAMIC);
         let counts: Vec<i64> = stats.tokens_per_expert.to_data().convert::<i64>().to_vec().unwrap();
         assert_eq!(counts, vec![16, 0, 16, 0]);
+    }
+
+    /// `sigmoid(capacity logit) > threshold` for every token and expert.
+    fn above_threshold(layer: &DiffMoeLayer<Flex>, x: Tensor<Flex, 3>, offset: f64) -> Tensor<Flex, 3> {
+        let pool = TokenPool::new(x);
+        let logits = layer.capacity_predictor.forward(pool.x.clone());
+        let thr = layer.expert_threshold.val().add_scalar(offset).unsqueeze_dim::<2>(0);
+        pool.unflatten(activation::sigmoid(logits).greater(thr).float())
+    }
+
+    /// A layer whose thresholds split the tokens of a random batch: each
+    /// expert's threshold is the median predicted probability.
+    fn calibrated(x: &Tensor<Flex, 3>) -> DiffMoeLayer<Flex> {
+        let mut layer = layer(1.0);
+        let pool = TokenPool::new(x.clone());
+        let probs = activation::sigmoid(layer.capacity_predictor.forward(pool.x.clone())); // [S, E]
+        let median = probs.transpose().sort(1).narrow(1, pool.len() / 2, 1).reshape([4]);
+        layer.expert_threshold = buffer(median);
+        layer
+    }
+
+    #[test]
+    fn per_token_routing_takes_exactly_the_tokens_above_threshold() {
+        let x = Tensor::<Flex, 3>::random([3, 8, 8], Distribution::Default, &Default::default());
+        let layer = calibrated(&x);
+        for offset in [0.0, 0.05, -0.05] {
+            let (_, stats) = layer.forward(x.clone(), Routing::PerToken { threshold_offset: offset });
+            let expected = above_threshold(&layer, x.clone(), offset);
+            let diff: f32 = (stats.selection_mask.clone() - expected.clone()).abs().max().into_scalar();
+            assert_eq!(diff, 0.0, "offset {offset}");
+            let counts: Vec<i64> = stats.tokens_per_expert.to_data().convert::<i64>().to_vec().unwrap();
+            let expected_counts: Vec<f32> = expected.sum_dim(1).sum_dim(0).reshape([4]).to_data().to_vec().unwrap();
+            assert_eq!(counts, expected_counts.iter().map(|&c| c as i64).collect::<Vec<_>>());
+            // The weights are the gate scores of the chosen tokens.
+            let zero_outside: f32 =
+                (stats.combine_weights.clone() * (stats.selection_mask.clone().neg() + 1.0)).abs().max().into_scalar();
+            assert_eq!(zero_outside, 0.0);
+        }
+        // A higher threshold never adds a token.
+        let (_, lo) = layer.forward(x.clone(), Routing::PER_TOKEN);
+        let (_, hi) = layer.forward(x, Routing::PerToken { threshold_offset: 0.1 });
+        let added: f32 = (hi.selection_mask - lo.selection_mask).max().into_scalar();
+        assert!(added <= 0.0);
+    }
+
+    #[test]
+    fn per_token_routing_does_not_depend_on_the_batch() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 3>::random([4, 8, 8], Distribution::Default, &device);
+        let layer = calibrated(&x);
+        let (batched, _) = layer.forward(x.clone(), Routing::PER_TOKEN);
+        for n in 0..4 {
+            let (alone, _) = layer.forward(x.clone().narrow(0, n, 1), Routing::PER_TOKEN);
+            let diff: f32 = (alone - batched.clone().narrow(0, n, 1)).abs().max().into_scalar();
+            assert!(diff <= 1e-6, "sample {n} differs by {diff} alone and in the batch");
+        }
+        // The official dynamic rule is cross-sample: counts are per batch.
+        let (_, whole) = layer.forward(x.clone(), Routing::DYNAMIC);
+        let (_, part) = layer.forward(x.narrow(0, 0, 1), Routing::DYNAMIC);
+        let total = |s: &RoutingStats<Flex>| s.tokens_per_expert.clone().sum().into_scalar();
+        assert!(total(&part) <= total(&whole));
+    }
+
+    #[test]
+    fn dynamic_threshold_offset_trades_tokens() {
+        let x = Tensor::<Flex, 3>::random([2, 8, 8], Distribution::Default, &Default::default());
+        let layer = calibrated(&x);
+        let count = |offset: f64| {
+            let (_, stats) = layer.forward(x.clone(), Routing::Dynamic { threshold_offset: offset });
+            stats.tokens_per_expert.sum().into_scalar()
+        };
+        // Median thresholds: about half the pool per expert at offset 0.
+        assert!(count(0.0) > 0 && count(0.0) < 4 * 16);
+        assert_eq!(count(-2.0), 4 * 16, "below every probability: every token");
+        assert_eq!(count(2.0), 0, "above every probability: no token");
+        assert!(count(0.1) <= count(0.0) && count(0.0) <= count(-0.1));
     }
 }

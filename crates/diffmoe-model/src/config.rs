@@ -364,7 +364,15 @@ impl RunConfig {
     /// Validates the config.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.model.validate()?;
-        self.train.validate()
+        self.train.validate()?;
+        if let Some(&class) = self.train.grid.classes.iter().find(|&&c| c >= self.model.num_classes) {
+            return Err(ConfigError::invalid(
+                "train.grid.classes",
+                class,
+                format!("every class must be below model.num_classes = {}", self.model.num_classes),
+            ));
+        }
+        Ok(())
     }
 
     /// Parses and validates TOML text; `origin` names the source in errors.

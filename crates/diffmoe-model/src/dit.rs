@@ -237,7 +237,8 @@ impl<B: Backend> DiT<B> {
     /// The official `forward_with_cfg`: the first half of `x` is duplicated
     /// (the second half is ignored), `t` and `y` are used as given, and the
     /// guided prediction `uncond + scale * (cond - uncond)` of the chosen
-    /// channels is copied into both halves; other channels stay raw.
+    /// channels is copied into both halves; other channels stay raw. The
+    /// routing statistics are those of the one batched forward (both halves).
     ///
     /// # Shapes
     /// - `x`: `[2n, in_channels, H, W]`, `t`: `[2n]`, `y`: `[2n]` (cond labels, then null labels)
@@ -250,10 +251,10 @@ impl<B: Backend> DiT<B> {
         cfg_scale: f64,
         channels: CfgChannels,
         routing: Routing,
-    ) -> Tensor<B, 4> {
+    ) -> DiTOutput<B> {
         let [batch, ..] = x.dims();
         let half = x.narrow(0, 0, batch / 2);
-        let out = self.forward(Tensor::cat(vec![half.clone(), half], 0), t, y, routing).output;
+        let DiTOutput { output: out, routing } = self.forward(Tensor::cat(vec![half.clone(), half], 0), t, y, routing);
         let [_, out_channels, ..] = out.dims();
         let guided = match channels {
             CfgChannels::All => self.config.in_channels,
@@ -265,11 +266,12 @@ impl<B: Backend> DiT<B> {
         let uncond = eps.narrow(0, batch / 2, batch / 2);
         let mixed = uncond.clone() + (cond - uncond).mul_scalar(cfg_scale);
         let eps = Tensor::cat(vec![mixed.clone(), mixed], 0);
-        if guided == out_channels {
+        let output = if guided == out_channels {
             eps
         } else {
             Tensor::cat(vec![eps, out.narrow(1, guided, out_channels - guided)], 1)
-        }
+        };
+        DiTOutput { output, routing }
     }
 
     /// Applies the threshold EMA of every DiffMoE block from a train-routing

@@ -94,6 +94,12 @@ pub enum CheckpointError {
         /// The run directory.
         run_dir: PathBuf,
     },
+    /// A weights file was given without the run config that describes it.
+    #[error("{path} is a weights file, which does not say how the model was trained; give the run config (a preset name or TOML file) with it")]
+    NeedsConfig {
+        /// The weights file.
+        path: PathBuf,
+    },
 }
 
 /// Counters saved with a checkpoint.
@@ -249,6 +255,66 @@ pub fn prune_checkpoints(run_dir: &Path, keep: usize) -> Result<(), CheckpointEr
         }
     }
     Ok(())
+}
+
+/// A model to sample from, with the config of the run that trained it.
+#[derive(Debug)]
+pub struct TrainedModel<B: Backend> {
+    /// The run config (objective, data, model).
+    pub config: RunConfig,
+    /// The network.
+    pub model: DiT<B>,
+    /// The weights file it was read from.
+    pub weights: PathBuf,
+}
+
+/// Reads a trained model from `path`: a run directory (its latest complete
+/// checkpoint), a checkpoint directory, or a weights file (this project's
+/// safetensors, or official weights) with `config` describing its run.
+/// `source` picks the EMA weights (`ema.safetensors` of a checkpoint, the
+/// `ema` entry of an official `.pt`) or the trained ones.
+///
+/// # Errors
+/// If nothing readable is at `path`, a weights file comes without `config`,
+/// or the weights do not fit the config (the error names the key).
+pub fn load_trained<B: Backend>(
+    path: &Path,
+    source: WeightSource,
+    config: Option<RunConfig>,
+    device: &B::Device,
+) -> Result<TrainedModel<B>, CheckpointError> {
+    let load = |weights: PathBuf, config: RunConfig, source| {
+        let model = load_weights::<B>(&weights, Some(&config.model), source, device)
+            .map_err(|e| CheckpointError::Weights { path: weights.clone(), source: Box::new(e) })?;
+        Ok(TrainedModel { config, model, weights })
+    };
+    if path.is_file() {
+        let config = config.ok_or_else(|| CheckpointError::NeedsConfig { path: path.to_path_buf() })?;
+        return load(path.to_path_buf(), config, source);
+    }
+    let dir = if path.join(STATE_FILE).is_file() {
+        path.to_path_buf()
+    } else if path.is_dir() {
+        let (_, latest) = list_checkpoints(path)?
+            .pop()
+            .ok_or_else(|| CheckpointError::NoCheckpoint { run_dir: path.to_path_buf() })?;
+        latest
+    } else {
+        return Err(CheckpointError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        });
+    };
+    let config_path = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&config_path).map_err(io(&config_path))?;
+    let stored: RunConfig = toml::from_str(&text)
+        .map_err(|e| CheckpointError::Corrupt { path: config_path.clone(), reason: e.to_string() })?;
+    let file = match source {
+        WeightSource::Model => MODEL_FILE,
+        WeightSource::Ema => EMA_FILE,
+    };
+    // Both files of a checkpoint are in this project's format.
+    load(dir.join(file), stored, WeightSource::Model)
 }
 
 /// Loads the checkpoint in `dir` for a run with `config` (which must match

@@ -7,6 +7,7 @@ use diffmoe_model::ConfigError;
 
 use crate::checkpoint::CheckpointError;
 use crate::data::DataError;
+use crate::generate::SampleError;
 
 /// Why a training run could not start or go on.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,9 @@ pub enum TrainError {
     /// A checkpoint could not be written or read.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The sample grid could not be drawn.
+    #[error("cannot sample the grid")]
+    Sample(#[from] SampleError),
     /// A file of the run could not be written.
     #[error("cannot write {path}")]
     Io {

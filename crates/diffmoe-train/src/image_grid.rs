@@ -13,7 +13,7 @@ const PADDING: usize = 2;
 
 /// Maps a value in [-1, 1] (clamped) to a byte, rounding like
 /// `save_image`'s `mul(255).add_(0.5).clamp_(0, 255)` on `(x + 1) / 2`.
-fn to_byte(value: f32) -> u8 {
+pub(crate) fn to_byte(value: f32) -> u8 {
     let unit = (value.clamp(-1.0, 1.0) + 1.0) / 2.0;
     (unit * 255.0 + 0.5).clamp(0.0, 255.0) as u8
 }
@@ -73,7 +73,13 @@ fn check(path: &Path, values: &[f32], [batch, channels, height, width]: [usize; 
 
 /// Encodes interleaved 8-bit pixels to `<path>.tmp` in the same directory,
 /// then renames it over `path`.
-fn write_png(path: &Path, pixels: Vec<u8>, width: usize, height: usize, channels: usize) -> Result<(), DataError> {
+pub(crate) fn write_png(
+    path: &Path,
+    pixels: Vec<u8>,
+    width: usize,
+    height: usize,
+    channels: usize,
+) -> Result<(), DataError> {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp: PathBuf = path.with_file_name(tmp_name);

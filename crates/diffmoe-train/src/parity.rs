@@ -350,7 +350,7 @@ fn compute_model_case<B: AutodiffBackend>(
 
     // Forwards: train, eval (dynamic routing for DiffMoE), static.
     let (x, t, y) = (fx.float::<B, 4>("inputs.x", device)?, t_input(fx, "inputs.t")?, fx.int::<B>("inputs.y", device)?);
-    let mut modes = vec![("train", Routing::Train), ("eval", Routing::Dynamic)];
+    let mut modes = vec![("train", Routing::Train), ("eval", Routing::DYNAMIC)];
     if family == Family::Diffmoe {
         modes.push(("static", Routing::Static));
     }
@@ -407,9 +407,9 @@ fn compute_model_case<B: AutodiffBackend>(
             fx.int("cfg.y", device)?,
             scale,
             CfgChannels::First(3),
-            Routing::Dynamic,
+            Routing::DYNAMIC,
         );
-        c.put("cfg.out", out);
+        c.put("cfg.out", out.output);
     }
 
     compute_flow_sampling(fx, &model, &mut c, device)?;
@@ -455,11 +455,11 @@ fn compute_flow_sampling<B: Backend>(
         };
         let guidance = if run.ends_with("_cfg") {
             let scale = fx.meta["cfg_scale"].as_f64().ok_or_else(|| malformed("missing `cfg_scale`"))?;
-            FlowGuidance::Cfg { scale, null_labels: fx.int("sample.y_null", device)? }
+            FlowGuidance::Cfg { scale, channels: CfgChannels::All, null_labels: fx.int("sample.y_null", device)? }
         } else {
             FlowGuidance::Unguided
         };
-        let routing = if run.starts_with("static") { Routing::Static } else { Routing::Dynamic };
+        let routing = if run.starts_with("static") { Routing::Static } else { Routing::DYNAMIC };
         let result = FlowSampler::new(steps, solver).sample(
             &DiTDenoiser::new(model, routing),
             fx.float("sample.z", device)?,
@@ -500,7 +500,7 @@ fn compute_ddpm_sampling<B: Backend>(
     let map: Vec<f32> = reference.timestep_map().iter().map(|&t| t as f32).collect();
     c.tensors.insert("ddpm_sample.timestep_map".into(), HostTensor { shape: vec![map.len()], data: map });
 
-    let denoiser = DiTDenoiser::new(model, Routing::Dynamic);
+    let denoiser = DiTDenoiser::new(model, Routing::DYNAMIC);
     for run in runs {
         let (sampler, plain_noise) = if run.starts_with("ddim") {
             (spaced(DdpmMethod::Ddim { eta: 0.0 })?.with_clip(ClipDenoised::UnitRange), "p")

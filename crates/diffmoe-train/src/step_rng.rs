@@ -1,6 +1,7 @@
 //! The training loop's randomness (noise, times, label dropout, grid noise),
 //! drawn on the host from ChaCha8 generators keyed by
-//! `(seed, micro-step, replica, stream)`.
+//! `(seed, micro-step, replica, stream)`, and the sampling noise of
+//! `diffmoe sample`, keyed by `(seed, sample index)`.
 //!
 //! Keying every draw by the step instead of carrying one generator through
 //! the run makes the random state of a checkpoint just its step: a resumed
@@ -23,6 +24,9 @@ pub enum Stream {
     LabelDropout = 3,
     /// The initial noise of the sample grids.
     Grid = 4,
+    /// The noise of one sample of a sampling run (keyed by the sample index
+    /// in place of the step): its initial noise, then each step's.
+    Sample = 5,
 }
 
 /// The generator of `stream` at `step` on replica `rank`.

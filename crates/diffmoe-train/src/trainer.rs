@@ -513,7 +513,7 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
         std::fs::create_dir_all(&dir).map_err(|source| TrainError::Io { path: dir.clone(), source })?;
         let path = dir.join(format!("step-{step:08}.png"));
         let clip = if self.dataset.is_latent() { ClipDenoised::Off } else { ClipDenoised::UnitRange };
-        let grid = grid_images(&self.ema.model, &self.config, self.ddpm.as_ref(), clip, &self.device);
+        let grid = grid_images(&self.ema.model, &self.config, clip)?;
         let [n, c, h, w] = grid.shape;
         if c == 1 || c == 3 {
             save_grid(&path, &grid.images, grid.shape, grid.columns)?;

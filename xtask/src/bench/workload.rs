@@ -110,7 +110,11 @@ impl<B: Backend> IntoI64 for Tensor<B, 1, Int> {
 /// The inference routing modes that differ for a family.
 fn inference_routings(config: &DiTConfig) -> Vec<(String, Routing)> {
     match config.family {
-        Family::Diffmoe => vec![("static".into(), Routing::Static), ("dynamic".into(), Routing::Dynamic)],
+        Family::Diffmoe => vec![
+            ("static".into(), Routing::Static),
+            ("dynamic".into(), Routing::DYNAMIC),
+            ("per-token".into(), Routing::PER_TOKEN),
+        ],
         _ => vec![("static".into(), Routing::Static)],
     }
 }

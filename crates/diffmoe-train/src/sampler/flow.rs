@@ -7,16 +7,20 @@
 //!   `z += dt / 2 * (v1 + v2)`; the last evaluation is at `t = 1`.
 //! - Classifier-free guidance makes two separate model calls per velocity
 //!   (conditional labels first, then the null labels, each with the batch as
-//!   is) and mixes `v = vu + scale * (vc - vu)` on all channels. This differs
-//!   from the batched, 3-channel `forward_with_cfg` of the DDPM sampler; with
+//!   is) and mixes `v = vu + scale * (vc - vu)` on all channels (the
+//!   official rule; [`CfgChannels::First`] guides only the first channels
+//!   and keeps the conditional velocity on the others). This differs from the
+//!   batched, 3-channel `forward_with_cfg` of the DDPM sampler; with
 //!   DiffMoE's cross-sample dynamic routing the two calls also route apart.
 //! - With a learned sigma only the first `C` output channels are the
 //!   velocity (official `chunk(2, dim=1)[0]`).
 //!
-//! The official `torchdiff-*` modes (an adaptive ODE solver on
-//! `linspace(0, 1, steps)`) are not ported.
+//! The official `torchdiff-*` modes (torchdiffeq on `linspace(0, 1,
+//! steps)`) are replaced by this crate's own adaptive solver (`dopri5.rs`).
 
 use burn::tensor::{backend::Backend, Int, Tensor};
+
+use diffmoe_model::CfgChannels;
 
 use super::{Denoiser, ModelCall, Record};
 
@@ -38,10 +42,28 @@ pub enum FlowGuidance<B: Backend> {
     Cfg {
         /// The guidance scale (`cfg`); 1 gives the conditional velocity.
         scale: f64,
+        /// The guided channels: [`CfgChannels::All`] is the official flow
+        /// rule; the others keep the conditional velocity.
+        channels: CfgChannels,
         /// `[batch]`: the labels of the unconditional call, normally all
         /// `num_classes` (the null label).
         null_labels: Tensor<B, 1, Int>,
     },
+}
+
+impl<B: Backend> FlowGuidance<B> {
+    /// The guidance of the samples `rows` of the batch.
+    ///
+    /// # Shapes
+    /// - `rows`: `[n]` -> null labels `[n]`
+    pub fn select(&self, rows: Tensor<B, 1, Int>) -> Self {
+        match self {
+            Self::Unguided => Self::Unguided,
+            Self::Cfg { scale, channels, null_labels } => {
+                Self::Cfg { scale: *scale, channels: *channels, null_labels: null_labels.clone().select(0, rows) }
+            }
+        }
+    }
 }
 
 /// The result of a flow sampling run.
@@ -52,6 +74,9 @@ pub struct FlowSample<B: Backend> {
     /// Every model call in call order, when [`Record::Trajectory`] was asked
     /// for (cond before uncond within one velocity evaluation); empty otherwise.
     pub calls: Vec<ModelCall<B>>,
+    /// Velocity evaluations each sample took (the number of function
+    /// evaluations, NFE; each is two model calls with guidance).
+    pub evaluations: Vec<usize>,
 }
 
 /// The rectified-flow sampler.
@@ -100,9 +125,11 @@ impl FlowSampler {
         record: Record,
     ) -> FlowSample<B> {
         let mut calls = Vec::new();
+        let [batch, ..] = z.dims();
+        let device = z.device();
         let mut v = |z: Tensor<B, 4>, i: usize| {
             // The official `i / sample_steps` is a Python float, made f32 by `torch.tensor`.
-            let t = i as f64 / self.steps as f64;
+            let t = Tensor::<B, 1>::full([batch], i as f64 / self.steps as f64, &device); // [batch]
             velocity(denoiser, z, t, &y, guidance, record, &mut calls)
         };
         // The official `dt` is an f32 tensor of `1 / sample_steps`.
@@ -123,25 +150,28 @@ impl FlowSampler {
                 }
             };
         }
-        FlowSample { sample: z, calls }
+        let per_step = match self.solver {
+            FlowSolver::Euler => 1,
+            FlowSolver::Heun => 2,
+        };
+        FlowSample { sample: z, calls, evaluations: vec![self.steps * per_step; batch] }
     }
 }
 
-/// One velocity evaluation at time `t` (one or two model calls).
+/// One velocity evaluation at the times `t` (one or two model calls).
 ///
 /// # Shapes
-/// - `z`: `[batch, C, H, W]` -> `[batch, C, H, W]`
-fn velocity<B: Backend>(
+/// - `z`: `[batch, C, H, W]`, `t`, `y`: `[batch]` -> `[batch, C, H, W]`
+pub(super) fn velocity<B: Backend>(
     denoiser: &impl Denoiser<B>,
     z: Tensor<B, 4>,
-    t: f64,
+    t: Tensor<B, 1>,
     y: &Tensor<B, 1, Int>,
     guidance: &FlowGuidance<B>,
     record: Record,
     calls: &mut Vec<ModelCall<B>>,
 ) -> Tensor<B, 4> {
-    let [batch, channels, ..] = z.dims();
-    let t = Tensor::<B, 1>::full([batch], t, &z.device()); // [batch]
+    let channels = z.dims()[1];
     let mut call = |labels: &Tensor<B, 1, Int>| {
         let out = denoiser.predict(z.clone(), t.clone(), labels.clone()); // [batch, C_out, H, W]
         if record == Record::Trajectory {
@@ -157,9 +187,19 @@ fn velocity<B: Backend>(
     let vc = call(y);
     match guidance {
         FlowGuidance::Unguided => vc,
-        FlowGuidance::Cfg { scale, null_labels } => {
+        FlowGuidance::Cfg { scale, channels: guided, null_labels } => {
             let vu = call(null_labels);
-            vu.clone() + (vc - vu).mul_scalar(*scale)
+            let guided = match guided {
+                CfgChannels::All => channels,
+                CfgChannels::First(n) => (*n).min(channels),
+            };
+            let mix = |vc: Tensor<B, 4>, vu: Tensor<B, 4>| vu.clone() + (vc - vu).mul_scalar(*scale);
+            if guided == channels {
+                mix(vc, vu)
+            } else {
+                let rest = vc.clone().narrow(1, guided, channels - guided);
+                Tensor::cat(vec![mix(vc.narrow(1, 0, guided), vu.narrow(1, 0, guided)), rest], 1)
+            }
         }
     }
 }
@@ -169,7 +209,6 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::tensor::TensorData;
-    use diffmoe_model::CfgChannels;
 
     type B = Flex;
 
@@ -239,7 +278,7 @@ mod tests {
 
     #[test]
     fn calls_are_recorded_in_official_order() {
-        let guidance = FlowGuidance::Cfg { scale: 2.0, null_labels: labels([10, 10]) };
+        let guidance = FlowGuidance::Cfg { scale: 2.0, channels: CfgChannels::All, null_labels: labels([10, 10]) };
         let sampler = FlowSampler::new(3, FlowSolver::Heun);
         let run = sampler.sample(&LinearInTime { target: 0.0 }, noise(), labels([1, 2]), &guidance, Record::Trajectory);
         assert_eq!(run.calls.len(), sampler.model_calls(&guidance));
@@ -262,7 +301,8 @@ mod tests {
         let null_labels = labels([0, 0]);
         let sampler = FlowSampler::new(4, FlowSolver::Heun);
         let model = LinearInTime { target: 0.5 };
-        let cfg = |scale: f64| FlowGuidance::Cfg { scale, null_labels: null_labels.clone() };
+        let cfg =
+            |scale: f64| FlowGuidance::Cfg { scale, channels: CfgChannels::All, null_labels: null_labels.clone() };
         let one = sampler.sample(&model, noise(), ys.clone(), &cfg(1.0), Record::FinalOnly);
         let plain = sampler.sample(&model, noise(), ys.clone(), &FlowGuidance::Unguided, Record::FinalOnly);
         assert!((one.sample - plain.sample.clone()).abs().max().into_scalar() < 1e-5);

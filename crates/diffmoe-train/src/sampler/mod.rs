@@ -10,14 +10,19 @@
 //!   `diffusion/gaussian_diffusion.py` over the respaced schedule of
 //!   `diffusion/respace.py`, CFG by the batched `forward_with_cfg` as the
 //!   official `sample_ddp_feature.py` prepares it.
-//! - `noise.rs`: where the per-step noise of the DDPM samplers comes from
-//!   (fixed tensors for parity, or a seeded host generator).
+//! - `dopri5.rs`: an adaptive Dormand-Prince (5th order, 4th order error
+//!   estimate) solver of the flow ODE with SiT's default tolerances, each
+//!   sample with its own step size.
+//! - `noise.rs`: where the initial and per-step noise comes from (fixed
+//!   tensors for parity, a seeded host generator, or one generator per
+//!   sample so that a sample does not depend on its batch).
 //!
 //! Sampling never changes the model: [`DiT::forward`] is pure, and the
 //! threshold EMA the official code applies in train mode is the caller's
 //! business (it does not affect static routing anyway).
 
 mod ddpm;
+mod dopri5;
 mod flow;
 mod noise;
 
@@ -25,13 +30,14 @@ pub use ddpm::{
     space_timesteps, ClipDenoised, DdpmGuidance, DdpmMethod, DdpmSample, DdpmSampler, DdpmStep, ModelVariance,
     RespacingError,
 };
+pub use dopri5::{Dopri5Error, Dopri5Sampler};
 pub use flow::{FlowGuidance, FlowSample, FlowSampler, FlowSolver};
-pub use noise::{GivenNoise, NoiseSource, SeededNoise};
+pub use noise::{GivenNoise, NoiseSource, PerSampleNoise, SeededNoise};
 
 use burn::tensor::{backend::Backend, Int, Tensor};
 
 use diffmoe_core::Routing;
-use diffmoe_model::{CfgChannels, DiT};
+use diffmoe_model::{CfgChannels, DiT, DiTOutput};
 
 /// Anything that maps `(x_t, t, y)` to the network output; implemented for
 /// [`DiT`] with a chosen routing by [`DiTDenoiser`].
@@ -59,29 +65,65 @@ pub trait Denoiser<B: Backend> {
     ) -> Tensor<B, 4>;
 }
 
+/// Sees every network evaluation a [`DiTDenoiser`] makes: where the compute
+/// of a sampling run goes is read from the routing statistics (see
+/// `crate::ComputeRecorder`), and a progress display counts calls.
+pub trait CallObserver<B: Backend> {
+    /// One forward of the network.
+    ///
+    /// # Shapes
+    /// - `t`, `y`: `[batch]` as the network received them; `out.output`: `[batch, C_out, H, W]`
+    fn observe(&self, t: &Tensor<B, 1>, y: &Tensor<B, 1, Int>, out: &DiTOutput<B>);
+}
+
 /// A [`DiT`] evaluated with one routing mode: [`Routing::Dynamic`] is the
 /// official sampler's `model.eval()` (threshold routing for DiffMoE, which is
 /// cross-sample: it depends on the whole batch); [`Routing::Static`] is the
 /// "global static top-K" of DiffMoE (the official sampler under
-/// `model.train()`). The other families route the same way in both.
-#[derive(Debug, Clone, Copy)]
+/// `model.train()`); [`Routing::PerToken`] makes every sample independent of
+/// its batch. The other families route the same way in all of them.
+#[derive(Clone, Copy)]
 pub struct DiTDenoiser<'a, B: Backend> {
     /// The network.
     pub model: &'a DiT<B>,
     /// How its MoE layers route.
     pub routing: Routing,
+    /// Told of every forward, when set.
+    pub observer: Option<&'a dyn CallObserver<B>>,
+}
+
+impl<B: Backend> std::fmt::Debug for DiTDenoiser<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiTDenoiser")
+            .field("routing", &self.routing)
+            .field("observed", &self.observer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a, B: Backend> DiTDenoiser<'a, B> {
     /// Wraps a model with a routing mode.
     pub fn new(model: &'a DiT<B>, routing: Routing) -> Self {
-        Self { model, routing }
+        Self { model, routing, observer: None }
+    }
+
+    /// The same denoiser, reporting every forward to `observer`.
+    pub fn observed(self, observer: &'a dyn CallObserver<B>) -> Self {
+        Self { observer: Some(observer), ..self }
+    }
+
+    fn seen(&self, t: &Tensor<B, 1>, y: &Tensor<B, 1, Int>, out: DiTOutput<B>) -> Tensor<B, 4> {
+        if let Some(observer) = self.observer {
+            observer.observe(t, y, &out);
+        }
+        out.output
     }
 }
 
 impl<B: Backend> Denoiser<B> for DiTDenoiser<'_, B> {
     fn predict(&self, x: Tensor<B, 4>, t: Tensor<B, 1>, y: Tensor<B, 1, Int>) -> Tensor<B, 4> {
-        self.model.forward(x, t, y, self.routing).output
+        let out = self.model.forward(x, t.clone(), y.clone(), self.routing);
+        self.seen(&t, &y, out)
     }
 
     fn predict_with_cfg(
@@ -92,7 +134,8 @@ impl<B: Backend> Denoiser<B> for DiTDenoiser<'_, B> {
         scale: f64,
         channels: CfgChannels,
     ) -> Tensor<B, 4> {
-        self.model.forward_with_cfg(x, t, y, scale, channels, self.routing)
+        let out = self.model.forward_with_cfg(x, t.clone(), y.clone(), scale, channels, self.routing);
+        self.seen(&t, &y, out)
     }
 }
 
