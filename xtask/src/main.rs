@@ -1,7 +1,9 @@
-//! Development tasks: `cargo xtask parity [DIR]` checks this port against the
-//! official implementation's fixtures; `cargo xtask bench` times training,
-//! inference, sampling and MLP layers; `cargo xtask configs` writes the
-//! preset TOML files of `configs/`.
+//! Development tasks: `cargo xtask parity [DIR...]` checks this port against
+//! the reference implementations' fixtures (the official DiffMoE code,
+//! diffusers' VAE, pytorch-fid's Inception and FID); `cargo xtask bench`
+//! times training, inference, sampling and MLP layers; `cargo xtask configs`
+//! writes the preset TOML files of `configs/`; `cargo xtask smoke-weights`
+//! writes stand-in VAE and Inception weight files of the real architectures.
 
 mod bench;
 
@@ -28,11 +30,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check every case of DIR/index.json against this port; exits non-zero on any failure.
+    /// Check every case of each DIR/index.json against this port; exits
+    /// non-zero on any failure. The kind of fixtures (DiffMoE models, VAE,
+    /// Inception and FID) is read from the index.
     Parity {
-        /// A directory in the format of shared/fixtures/parity/README.md.
-        #[arg(default_value = "../shared/fixtures/parity")]
-        dir: PathBuf,
+        /// Directories in the formats of shared/fixtures/{parity,vae,inception}/README.md.
+        #[arg(default_values = ["../shared/fixtures/parity", "../shared/fixtures/vae", "../shared/fixtures/inception"])]
+        dirs: Vec<PathBuf>,
+    },
+    /// Write VAE (diffusers layout) and FID Inception (pytorch-fid weights-file
+    /// layout) safetensors files of the real architectures and sizes with
+    /// seeded random weights: stand-ins that exercise `cache-latents`,
+    /// `sample --vae` and `eval --fid` where the pretrained files are not at
+    /// hand. Their latents and features mean nothing.
+    SmokeWeights {
+        /// The VAE file to write (sd-vae-ft-mse architecture, 83.7 M parameters).
+        #[arg(long)]
+        vae: Option<PathBuf>,
+        /// The Inception file to write (23.9 M parameters).
+        #[arg(long)]
+        inception: Option<PathBuf>,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Time train steps, inference forwards, sampling and MLP layers; print a
     /// table and write JSON.
@@ -76,6 +96,31 @@ const CONFIG_FILES: &[&str] = &[
 
 type Device = burn::tensor::Device<Backend>;
 
+/// Runs the parity checker that fits `dir/index.json` and prints its report;
+/// returns whether a group failed.
+fn parity(dir: &std::path::Path) -> Result<bool> {
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("index.json"))
+            .with_context(|| format!("reading {}/index.json", dir.display()))?,
+    )?;
+    let device: Device = Default::default();
+    let format = index["format"].as_str().unwrap_or_default();
+    println!("== {} ({format})", dir.display());
+    Ok(if format.starts_with("VAE") {
+        let rows = diffmoe_vae::parity::check_dir::<Backend>(dir, &device)?;
+        print!("{}", diffmoe_vae::parity::format_report(&rows));
+        diffmoe_vae::parity::any_failed(&rows)
+    } else if format.starts_with("FID Inception") {
+        let rows = diffmoe_eval::parity::check_all::<Backend>(dir, &device)?;
+        print!("{}", diffmoe_eval::parity::format_report(&rows));
+        diffmoe_eval::parity::any_failed(&rows)
+    } else {
+        let rows = check_dir::<Backend>(dir, &device)?;
+        print!("{}", format_report(&rows));
+        any_failed(&rows)
+    })
+}
+
 /// The device named by `--device`, which must belong to the compiled backend.
 fn device(spec: &str) -> Result<Device> {
     let (kind, index) = match spec.split_once(':') {
@@ -105,14 +150,27 @@ fn device(spec: &str) -> Result<Device> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Parity { dir } => {
-            let device = Default::default();
-            let rows = check_dir::<Backend>(&dir, &device).with_context(|| format!("parity on {}", dir.display()))?;
-            print!("{}", format_report(&rows));
-            if any_failed(&rows) {
+        Command::Parity { dirs } => {
+            let mut failed = false;
+            for dir in &dirs {
+                failed |= parity(dir).with_context(|| format!("parity on {}", dir.display()))?;
+            }
+            if failed {
                 bail!("parity failed");
             }
             println!("parity: all checked groups within tolerance");
+        }
+        Command::SmokeWeights { vae, inception, seed } => {
+            if let Some(path) = vae {
+                let config = diffmoe_vae::AutoencoderKlConfig::sd_vae_ft_mse();
+                diffmoe_train::data::write_procedural_vae::<Backend>(&config, &path, seed)?;
+                println!("wrote {} (random sd-vae-ft-mse architecture, diffusers key names)", path.display());
+            }
+            if let Some(path) = inception {
+                diffmoe_eval::procedural_weights::write_procedural_inception(&path, seed)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {} (random FID Inception, pytorch-fid weights-file key names)", path.display());
+            }
         }
         Command::Bench(args) => {
             let device = device(&args.device)?;

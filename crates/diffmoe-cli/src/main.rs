@@ -1,7 +1,11 @@
 //! The `diffmoe` command line: parses arguments and calls the library crates.
 
 mod backend;
+mod cache_latents;
+mod classifier;
+mod compare;
 mod device;
+mod eval;
 mod info;
 mod sample;
 mod train;
@@ -34,6 +38,18 @@ enum Command {
     Presets,
     /// Train a model (flow or DDPM, any preset) on images or latents; resumable.
     Train(train::TrainArgs),
+    /// Encode a folder of images (and their mirror images) with the SD VAE into
+    /// latent shards for `train --data latents:DIR`; resumable, parallel-safe.
+    CacheLatents(cache_latents::CacheLatentsArgs),
+    /// The paper's comparison (Dense, TC, EC, DiffMoE at equal activated
+    /// parameters) trained, sampled and scored on one dataset.
+    Compare(compare::CompareArgs),
+    /// Score samples against a reference set: Frechet distance, precision,
+    /// recall and classifier accuracy, or FID and Inception Score with `--fid`.
+    Eval(eval::EvalArgs),
+    /// Train or test the feature classifier of the Fashion-MNIST evaluation.
+    #[command(subcommand)]
+    Classifier(classifier::ClassifierCommand),
     /// Sample a trained model: a grid, one PNG per sample, array files, and
     /// where the compute went.
     Sample(sample::SampleArgs),
@@ -61,7 +77,11 @@ fn main() -> Result<()> {
             print!("{}", info::report(&run, !brief));
         }
         Command::Train(args) => train::run(args)?,
+        Command::CacheLatents(args) => cache_latents::run(args)?,
         Command::Sample(args) => sample::run(args)?,
+        Command::Classifier(command) => classifier::run(command)?,
+        Command::Compare(args) => compare::run(args)?,
+        Command::Eval(args) => eval::run(args)?,
         Command::Presets => {
             for name in preset_names() {
                 println!("{name}");

@@ -6,16 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::Backend as _;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use burn::tensor::{Tensor, TensorData};
 use diffmoe_core::Routing;
 use diffmoe_model::{write_atomically, CfgChannels, DiTOutput, Objective, ParamReport, RunConfig, WeightSource};
+use diffmoe_train::data::{load_vae, read_vae_config};
 use diffmoe_train::{
     load_trained, plot_per_class, plot_per_step, sampler::ClipDenoised, CallObserver, ComputeRecorder, Generator,
     SampleSettings, SampleSpace, SampleWriter, SamplerChoice,
 };
+use diffmoe_vae::AutoencoderKlConfig;
 
 use crate::backend::Backend;
 use crate::device::DeviceSpec;
@@ -126,6 +128,14 @@ pub struct SampleArgs {
     /// plot it as PNGs next to it.
     #[arg(long)]
     pub stats: Option<PathBuf>,
+    /// Decode latent samples to images with this VAE (diffusers
+    /// `diffusion_pytorch_model.safetensors` of stabilityai/sd-vae-ft-mse or
+    /// -ema, its `.bin`, or the LDM `.ckpt`), as `vae.decode(z / 0.18215)`.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// The VAE's diffusers `config.json`, for another architecture than the SD VAE.
+    #[arg(long, requires = "vae")]
+    pub vae_config: Option<PathBuf>,
 }
 
 impl SampleArgs {
@@ -238,7 +248,34 @@ pub fn run(args: SampleArgs) -> Result<()> {
         );
     }
     let shape = [m.in_channels, m.input_size, m.input_size];
-    let mut writer = SampleWriter::create(&args.out, &out_dir, shape, space, &labels, classes.len())?;
+    let vae = match (&args.vae, space) {
+        (Some(path), SampleSpace::Latents) => {
+            let config = match &args.vae_config {
+                Some(config) => read_vae_config(config)?,
+                None => AutoencoderKlConfig::sd_vae_ft_mse(),
+            };
+            let vae = load_vae::<Backend>(path, &config, &device)?;
+            if config.latent_channels != m.in_channels {
+                bail!(
+                    "--vae {}: its latents have {} channels, the model's {}",
+                    path.display(),
+                    config.latent_channels,
+                    m.in_channels
+                );
+            }
+            Some((vae, config.downsampling_factor()))
+        }
+        (Some(path), SampleSpace::Pixels) => {
+            bail!("--vae {}: {} samples pixels, there is nothing to decode", path.display(), run.name)
+        }
+        (None, _) => None,
+    };
+    let image_shape = match (&vae, space) {
+        (Some((_, factor)), _) => Some([3, m.input_size * factor, m.input_size * factor]),
+        (None, SampleSpace::Pixels) => Some(shape),
+        (None, SampleSpace::Latents) => None,
+    };
+    let mut writer = SampleWriter::create(&args.out, &out_dir, shape, image_shape, &labels, classes.len())?;
     let bins = args.steps.unwrap_or(50);
     let recorder = ComputeRecorder::new(m, settings.sampler.step_axis(bins));
 
@@ -253,7 +290,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         args.cfg_scale,
         describe_routing(settings.routing),
     );
-    let batches: Vec<&[usize]> = labels.chunks(args.batch_size).collect();
+    let batches = labels.len().div_ceil(args.batch_size);
     let bar = ProgressBar::new(labels.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} images {msg} [{elapsed_precise}, ETA {eta_precise}]")
@@ -262,18 +299,34 @@ pub fn run(args: SampleArgs) -> Result<()> {
     bar.enable_steady_tick(Duration::from_millis(500));
     let observer = Observer { recorder: &recorder, bar: &bar };
     let started = Instant::now();
-    let mut first = 0u64;
-    for (b, batch) in batches.iter().enumerate() {
-        let samples = generator.generate(batch, first, Some(&observer))?;
-        Backend::sync(&device)?;
-        let values: Vec<f32> = samples.into_data().convert::<f32>().to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        writer.write(&values)?;
-        first += batch.len() as u64;
-        bar.inc(batch.len() as u64);
-        if bar.is_hidden() {
-            eprintln!("batch {}/{}: {} images, {:.1} s", b + 1, batches.len(), first, started.elapsed().as_secs_f64());
+    generator.generate_batches(&labels, args.batch_size, Some(&observer), |first, values| -> Result<()> {
+        match (&vae, image_shape) {
+            (Some((vae, _)), Some([c, h, w])) => {
+                let n = values.len() / shape.iter().product::<usize>();
+                let z = Tensor::<Backend, 4>::from_data(
+                    TensorData::new(values.clone(), [n, shape[0], shape[1], shape[2]]),
+                    &device,
+                );
+                let decoded: Vec<f32> = vae
+                    .decode_latents(z)
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                debug_assert_eq!(decoded.len(), n * c * h * w);
+                writer.write(&values, Some(&decoded))?;
+            }
+            (None, Some(_)) => writer.write(&values, Some(&values))?,
+            _ => writer.write(&values, None)?,
         }
-    }
+        let done = first + values.len() / shape.iter().product::<usize>();
+        bar.set_position(done as u64);
+        if bar.is_hidden() {
+            let batch = first / args.batch_size + 1;
+            eprintln!("batch {batch}/{batches}: {done} images, {:.1} s", started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })?;
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let files = writer.finish()?;
@@ -296,7 +349,8 @@ pub fn run(args: SampleArgs) -> Result<()> {
     match &files.grid {
         Some(grid) => eprintln!("grid:    {} ({} samples)", grid.display(), files.grid_tiles),
         None => eprintln!(
-            "latent samples ({} channels) are saved raw: decoding them to images needs the Stable Diffusion VAE, which this version does not include yet; no grid or PNGs were written",
+            "latent samples ({} channels) are saved raw; pass --vae FILE (the Stable Diffusion VAE, \
+             stabilityai/sd-vae-ft-mse) to decode them to images; no grid or PNGs were written",
             m.in_channels
         ),
     }

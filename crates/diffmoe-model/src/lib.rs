@@ -28,5 +28,7 @@ pub use recipe::{
     BadFiles, CapacitySchedule, DataConfig, Flip, GridConfig, OptimizerConfig, TimestepSampling, TrainConfig,
 };
 pub use state_dict::{HostTensor, StateDict};
-pub use torch_checkpoint::{checkpoint_entries, read_state_dict, TorchCheckpointError, TorchTensor};
+pub use torch_checkpoint::{
+    checkpoint_entries, is_torch_save, is_torch_save_file, read_state_dict, TorchCheckpointError, TorchTensor,
+};
 pub use weights::{load_weights, save_weights, write_atomically, WeightSource};

@@ -1,6 +1,7 @@
 //! Plots of a [`ComputeReport`] like the paper's Figure 1(c) and 1(d):
 //! activated parameters per token against the sampling step (all labels,
-//! and one line per class for up to ten classes), and per class.
+//! and one line per class for up to ten classes), and per class; and a
+//! general scatter/line plot ([`plot_xy`]) for quality against compute.
 //!
 //! Drawn with plotters into an RGB buffer (text in the embedded DejaVu Sans,
 //! so no system font is needed) and written as PNG atomically.
@@ -231,6 +232,61 @@ pub fn plot_per_class(report: &ComputeReport, title: &str, path: &Path) -> Resul
     })
 }
 
+/// One series of [`plot_xy`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct XySeries {
+    /// Legend entry.
+    pub name: String,
+    /// The points, in drawing order.
+    pub points: Vec<(f64, f64)>,
+    /// Join the points with a line (else markers only).
+    pub line: bool,
+}
+
+/// A scatter/line plot of several series, each point marked, e.g. quality
+/// against compute.
+pub fn plot_xy(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[XySeries]) -> Result<(), PlotError> {
+    let xs = y_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
+    let ys = y_range(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+    // Headroom above the points for the legend.
+    let ys = ys.start..ys.end + 0.1 * (2 + series.len()) as f64 * (ys.end - ys.start) / 3.0;
+    render(path, |root| {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, (FONT, 20))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(70)
+            .build_cartesian_2d(xs, ys)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 15))
+            .draw()?;
+        for (i, s) in series.iter().enumerate() {
+            let (r, g, b) = Palette99::pick(i).to_rgba().rgb();
+            let colour = RGBColor(r, g, b);
+            if s.line {
+                chart.draw_series(LineSeries::new(s.points.iter().copied(), colour.stroke_width(2)))?;
+            }
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))?
+                .label(s.name.clone())
+                .legend(move |(x, y)| Circle::new((x + 8, y), 4, colour.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 12))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,7 +330,10 @@ mod tests {
         let dir = test_dir("plots");
         plot_per_step(&report, "activated parameters per step", &dir.join("steps.png")).unwrap();
         plot_per_class(&report, "activated parameters per class", &dir.join("classes.png")).unwrap();
-        for name in ["steps.png", "classes.png"] {
+        let curve = XySeries { name: "a".into(), points: vec![(1.0, 3.0), (2.0, 2.5), (3.0, 2.4)], line: true };
+        let dot = XySeries { name: "b".into(), points: vec![(2.0, 2.9)], line: false };
+        plot_xy(&dir.join("xy.png"), "quality against compute", "x", "y", &[curve, dot]).unwrap();
+        for name in ["steps.png", "classes.png", "xy.png"] {
             let png = image::open(dir.join(name)).unwrap().to_rgb8();
             assert_eq!((png.width(), png.height()), (WIDTH, HEIGHT));
             // Something other than the white background was drawn.

@@ -301,6 +301,32 @@ impl<'a, B: Backend> Generator<'a, B> {
     }
 }
 
+impl<B: Backend> Generator<'_, B> {
+    /// Samples `labels` in batches of `batch_size` (sample `i` of the run
+    /// has label `labels[i]` and noise stream `i`), handing each batch to
+    /// `sink` as host values `[n, C, H, W]` with the index of its first
+    /// sample, after the device has finished it.
+    ///
+    /// # Errors
+    /// A sampling error, or the first error of `sink`.
+    pub fn generate_batches<E: From<SampleError>>(
+        &self,
+        labels: &[usize],
+        batch_size: usize,
+        observer: Option<&dyn CallObserver<B>>,
+        mut sink: impl FnMut(usize, Vec<f32>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut first = 0;
+        for batch in labels.chunks(batch_size.max(1)) {
+            let samples = self.generate(batch, first as u64, observer)?;
+            let values = samples.into_data().convert::<f32>().to_vec::<f32>().expect("f32 samples");
+            sink(first, values)?;
+            first += batch.len();
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,7 +39,7 @@ pub use checkpoint::{
     save_checkpoint, Checkpoint, CheckpointError, TrainState, TrainedModel, CHECKPOINTS_DIR,
 };
 pub use compute::{ClassKey, ClassSeries, ComputeRecorder, ComputeReport, ComputeRow, StepAxis};
-pub use compute_plot::{plot_per_class, plot_per_step, PlotError};
+pub use compute_plot::{plot_per_class, plot_per_step, plot_xy, PlotError, XySeries};
 pub use data_parallel::{train_data_parallel, ThreadReplica};
 pub use ddpm::{DdpmSchedule, DDPM_STEPS};
 pub use ema::Ema;

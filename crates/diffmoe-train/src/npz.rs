@@ -6,7 +6,10 @@
 //! [`NpzWriter`] streams each array in turn (a run of 50 000 samples never
 //! has to be in memory at once) into a temporary file that is synced and
 //! renamed over the destination only when every array is complete.
-//! [`read_npz`] reads uncompressed little-endian C-order arrays back.
+//! [`read_npz`] reads little-endian C-order arrays back, from stored
+//! (`np.savez`) or deflate-compressed (`np.savez_compressed`) members;
+//! [`NpyArray::read_selected`] reads only the named ones (an ADM reference
+//! batch holds gigabytes of images beside its `mu` and `sigma`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -220,12 +223,30 @@ pub struct NpyArray {
     pub values: Vec<f64>,
 }
 
-/// Reads every array of an uncompressed `.npz` file (little-endian, C order).
+/// Reads every array of an `.npz` file (little-endian, C order; members
+/// stored or deflate-compressed, as `np.savez` and `np.savez_compressed`
+/// write them).
 ///
 /// # Errors
 /// If the file cannot be read or an array is of another kind; the error
 /// names the file and the array.
 pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, DataError> {
+    read_members(path, |_| true)
+}
+
+impl NpyArray {
+    /// Reads the arrays `names` of an `.npz` file (stored or deflate-compressed
+    /// members), skipping the others unread. Names absent from the file are
+    /// absent from the result.
+    ///
+    /// # Errors
+    /// As [`read_npz`], for the requested arrays.
+    pub fn read_selected(path: &Path, names: &[&str]) -> Result<BTreeMap<String, NpyArray>, DataError> {
+        read_members(path, |name| names.contains(&name))
+    }
+}
+
+fn read_members(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<BTreeMap<String, NpyArray>, DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut archive =
         zip::ZipArchive::new(file).map_err(|e| DataError::corrupt(path, format!("not a zip archive: {e}")))?;
@@ -233,6 +254,9 @@ pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, DataError> {
     for i in 0..archive.len() {
         let mut member = archive.by_index(i).map_err(|e| DataError::corrupt(path, e.to_string()))?;
         let name = member.name().trim_end_matches(".npy").to_string();
+        if !wanted(&name) {
+            continue;
+        }
         let mut bytes = Vec::new();
         member.read_to_end(&mut bytes).map_err(|e| DataError::io(path, e))?;
         let array =
@@ -323,6 +347,29 @@ mod tests {
         let error = short.finish().unwrap_err();
         assert!(error.to_string().contains("missing 3 values"), "{error}");
         assert!(!dir.join("short.npz").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `np.savez_compressed` deflates every member; reading must not care.
+    #[test]
+    fn compressed_members_and_selected_reads() {
+        let dir = test_dir("npz_deflate");
+        let path = dir.join("stats.npz");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        let mut put = |name: &str, dtype: NpyDtype, shape: &[usize], data: Vec<u8>| {
+            zip.start_file(format!("{name}.npy"), options).unwrap();
+            zip.write_all(&npy_header(dtype, shape)).unwrap();
+            zip.write_all(&data).unwrap();
+        };
+        put("mu", NpyDtype::F64, &[2], [0.5f64, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect());
+        put("arr_0", NpyDtype::U8, &[4096], vec![7u8; 4096]);
+        zip.finish().unwrap();
+        let all = read_npz(&path).unwrap();
+        assert_eq!(all["mu"].values, vec![0.5, -2.0]);
+        assert_eq!(all["arr_0"].values.len(), 4096);
+        let some = NpyArray::read_selected(&path, &["mu", "sigma"]).unwrap();
+        assert_eq!(some.keys().collect::<Vec<_>>(), vec!["mu"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

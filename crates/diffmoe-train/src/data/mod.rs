@@ -7,23 +7,38 @@
 //! the batches it would have seen. The formats and guarantees are written up
 //! in `docs/data.md`.
 
+mod cache_error;
+mod cache_manifest;
 mod embedded;
 mod error;
 mod idx;
 mod image_folder;
+mod latent_cache;
 mod latent_shards;
 mod loader;
+mod shard_claim;
 mod spec;
 mod transform;
+mod vae_file;
 
 use std::fmt;
 use std::sync::Arc;
 
+pub use cache_error::CacheError;
+pub use cache_manifest::{CacheManifest, CACHE_FORMAT, MANIFEST_FILE};
 pub use embedded::FASHION_MNIST_CLASSES;
 pub use error::DataError;
+pub use latent_cache::{
+    cache_latents, shard_file_name, CacheObserver, CachePlan, CacheProgress, CacheSummary, Coordination, HeldShard,
+    LatentCacheConfig, DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE,
+};
 pub use latent_shards::{write_latent_shard, LatentShardMeta, Moments, LATENT_FORMAT};
 pub use loader::{mix, BadFilePolicy, Batch, Loader, LoaderConfig};
+pub use shard_claim::{ClaimOwner, Holder};
 pub use spec::DataSpec;
+pub use vae_file::{
+    identify_vae_file, load_vae, read_vae_config, write_procedural_vae, VaeFileError, VaeIdentity, VAE_FILE_HINT,
+};
 
 /// The shape of one example, channels first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
