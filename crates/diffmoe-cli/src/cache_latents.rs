@@ -6,10 +6,10 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use diffmoe_train::data::{
     cache_latents, CacheObserver, CachePlan, CacheProgress, ClaimOwner, Coordination, DataSpec, Holder,
@@ -18,6 +18,7 @@ use diffmoe_train::data::{
 
 use crate::backend::Backend;
 use crate::device::DeviceSpec;
+use crate::progress::{progress_bar, say};
 
 /// Arguments of `diffmoe cache-latents`.
 #[derive(clap::Args, Debug)]
@@ -74,22 +75,13 @@ struct Progress {
 
 impl Progress {
     fn new(device: DeviceSpec) -> Self {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} images {msg} [{elapsed_precise}, ETA {eta_precise}]")
-                .expect("a valid template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(500));
+        let bar = progress_bar(0, "images");
         Self { bar, device, shards: 0, complete: 0, encoded: 0, since: Instant::now() }
     }
 
     /// A line above the bar, or on stderr when there is no terminal to draw on.
     fn say(&self, line: String) {
-        if self.bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            self.bar.println(line);
-        }
+        say(&self.bar, line);
     }
 
     fn images_per_second(&self) -> f64 {

@@ -2,10 +2,9 @@
 //! Fashion-MNIST evaluation (`diffmoe_eval::FeatureClassifier`).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use diffmoe_eval::{
     accuracy, train_classifier, ClassifierConfig, ClassifierObserver, ClassifierTraining, EpochReport,
@@ -15,6 +14,7 @@ use diffmoe_train::data::{open_dataset, DataSpec, ImageShape};
 
 use crate::backend::{AutodiffBackend, Backend};
 use crate::device::DeviceSpec;
+use crate::progress::{progress_bar, say};
 
 /// `diffmoe classifier ...`.
 #[derive(clap::Subcommand, Debug)]
@@ -100,11 +100,7 @@ impl ClassifierObserver for Progress {
             100.0 * r.test_accuracy,
             r.seconds
         );
-        if self.bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            self.bar.println(line);
-        }
+        say(&self.bar, line);
     }
 }
 
@@ -147,12 +143,7 @@ fn train(args: TrainArgs) -> Result<()> {
         ..ClassifierTraining::default()
     };
     eprintln!("training on {}\ntesting on {}", train_data.describe(), test_data.describe());
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}, ETA {eta_precise}]")
-            .expect("a valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(500));
+    let bar = progress_bar(0, "");
     let mut progress = Progress { bar };
     let (model, reports) =
         train_classifier::<AutodiffBackend>(&config, train_data, test_data.as_ref(), settings, &device, &mut progress)?;

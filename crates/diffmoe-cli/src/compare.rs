@@ -3,16 +3,16 @@
 //! (`diffmoe_eval::run_comparison`).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use diffmoe_eval::{run_comparison, ComparisonObserver, ComparisonSettings, FeatureClassifier};
 use diffmoe_train::{LogRecord, RunInfo, StepProgress, TrainObserver};
 
 use crate::backend::{AutodiffBackend, Backend};
 use crate::device::DeviceSpec;
+use crate::progress::{progress_bar, say};
 
 /// Arguments of `diffmoe compare`.
 #[derive(clap::Args, Debug)]
@@ -73,11 +73,7 @@ struct Progress {
 
 impl Progress {
     fn say(&self, line: String) {
-        if self.bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            self.bar.println(line);
-        }
+        say(&self.bar, line);
     }
 }
 
@@ -130,12 +126,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         Some(path) => FeatureClassifier::<Backend>::load(path, &device)?,
         None => FeatureClassifier::<Backend>::fashion_mnist(&device),
     };
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}, ETA {eta_precise}]")
-            .expect("a valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(500));
+    let bar = progress_bar(0, "");
     let mut progress = Progress { bar };
     let results = run_comparison::<AutodiffBackend>(&settings, &classifier, &args.out, &device, &mut progress)
         .with_context(|| format!("the comparison in {} stopped", args.out.display()))?;

@@ -5,10 +5,8 @@
 //! Score, precision and recall).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use diffmoe_eval::{
@@ -21,6 +19,7 @@ use diffmoe_train::data::{open_dataset, DataSpec, ImageShape};
 
 use crate::backend::Backend;
 use crate::device::DeviceSpec;
+use crate::progress::progress_bar;
 
 /// Arguments of `diffmoe eval`.
 #[derive(clap::Args, Debug)]
@@ -76,18 +75,6 @@ struct Scores {
     precision_recall: Option<PrecisionRecall>,
     inception_score: Option<f64>,
     accuracy: Option<f64>,
-}
-
-fn bar(len: usize, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}}, ETA {{eta_precise}}]"
-        ))
-        .expect("a valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(500));
-    bar
 }
 
 /// Runs `diffmoe eval`.
@@ -162,7 +149,7 @@ fn inception(args: &EvalArgs, samples: &SampleSet, device: &burn::tensor::Device
         );
     }
     let model = load_fid_inception::<Backend>(path, device)?;
-    let progress = bar(samples.len(), "samples");
+    let progress = progress_bar(samples.len() as u64, "samples");
     let fake = InceptionFeatures::of_images01(
         &model,
         &samples.inception_input(),
@@ -179,7 +166,7 @@ fn inception(args: &EvalArgs, samples: &SampleSet, device: &burn::tensor::Device
             let shape = ImageShape { channels: 3, height: samples.shape[1], width: samples.shape[2] };
             let data = open_dataset(&spec, shape).with_context(|| format!("--reference {reference}"))?;
             let n = args.reference_examples.map_or(data.len(), |l| l.min(data.len()));
-            let progress = bar(n, "reference images");
+            let progress = progress_bar(n as u64, "reference images");
             let real = InceptionFeatures::of_dataset(
                 &model,
                 data.as_ref(),

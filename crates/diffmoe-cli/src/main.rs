@@ -7,6 +7,7 @@ mod compare;
 mod device;
 mod eval;
 mod info;
+mod progress;
 mod sample;
 mod train;
 

@@ -3,11 +3,11 @@
 //! per sample and array files, and reports where the compute went.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use burn::tensor::{Tensor, TensorData};
 use diffmoe_core::Routing;
@@ -21,6 +21,7 @@ use diffmoe_vae::AutoencoderKlConfig;
 
 use crate::backend::Backend;
 use crate::device::DeviceSpec;
+use crate::progress::progress_bar;
 
 /// The samplers by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -291,12 +292,7 @@ pub fn run(args: SampleArgs) -> Result<()> {
         describe_routing(settings.routing),
     );
     let batches = labels.len().div_ceil(args.batch_size);
-    let bar = ProgressBar::new(labels.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} images {msg} [{elapsed_precise}, ETA {eta_precise}]")
-            .expect("a valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(500));
+    let bar = progress_bar(labels.len() as u64, "images");
     let observer = Observer { recorder: &recorder, bar: &bar };
     let started = Instant::now();
     generator.generate_batches(&labels, args.batch_size, Some(&observer), |first, values| -> Result<()> {

@@ -3,10 +3,9 @@
 //! bar.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use diffmoe_model::RunConfig;
 use diffmoe_train::{
@@ -16,6 +15,7 @@ use diffmoe_train::{
 
 use crate::backend::AutodiffBackend;
 use crate::device::DeviceSpec;
+use crate::progress::{progress_bar, say};
 
 /// The model `diffmoe train` trains when given no config: DiffMoE at CPU
 /// size, on the embedded Fashion-MNIST.
@@ -135,22 +135,13 @@ struct Progress {
 
 impl Progress {
     fn new(device: String) -> Self {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}, ETA {eta_precise}]")
-                .expect("a valid template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(500));
+        let bar = progress_bar(0, "");
         Self { bar, device }
     }
 
     /// A line above the bar, or on stderr when there is no terminal to draw on.
     fn say(&self, line: String) {
-        if self.bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            self.bar.println(line);
-        }
+        say(&self.bar, line);
     }
 }
 

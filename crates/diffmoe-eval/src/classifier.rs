@@ -29,7 +29,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::module::max_pool2d;
 use burn::tensor::{activation::relu, backend::Backend, Tensor, TensorData};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 /// Metadata key of the classifier config in its safetensors file.
@@ -235,22 +235,12 @@ impl<B: Backend> FeatureClassifier<B> {
     /// # Errors
     /// If the file cannot be written.
     pub fn save(&self, path: &Path) -> Result<(), ClassifierError> {
-        let tensors = self.named_values();
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-            .into_iter()
-            .map(|(k, (shape, v))| (k, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-            .collect();
-        let views: Vec<(String, TensorView<'_>)> = bytes
-            .iter()
-            .map(|(k, shape, b)| (k.clone(), TensorView::new(Dtype::F32, shape.clone(), b).expect("sizes match")))
-            .collect();
         let metadata = HashMap::from([(
             CLASSIFIER_CONFIG_KEY.to_string(),
             serde_json::to_string(&self.config()).expect("a config serialises"),
         )]);
-        let out = safetensors::serialize(views, &Some(metadata))
-            .map_err(|source| ClassifierError::Safetensors { path: path.to_path_buf(), source })?;
-        diffmoe_model::write_atomically(path, &out)
+        let tensors = self.named_values().into_iter().map(|(k, (shape, values))| (k, shape, values));
+        diffmoe_model::write_f32_safetensors(path, tensors, metadata)
             .map_err(|e| ClassifierError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
     }
 

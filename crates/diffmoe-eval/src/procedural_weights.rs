@@ -82,7 +82,7 @@ pub fn sha256_f32le(values: &[f32]) -> String {
 /// # Errors
 /// If the file cannot be written.
 pub fn write_procedural_inception(path: &Path, base_seed: u64) -> std::io::Result<()> {
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors = Vec::new();
     for key in weights_file_keys().into_iter().filter(|k| k.presence == KeyPresence::Required) {
         let numel: usize = key.shape.iter().product();
         let values: Vec<f32> = if key.name.ends_with("conv.weight") {
@@ -95,18 +95,9 @@ pub fn write_procedural_inception(path: &Path, base_seed: u64) -> std::io::Resul
         } else {
             vec![0.0; numel]
         };
-        tensors.push((key.name, key.shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        tensors.push((key.name, key.shape, values));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .expect("the byte count follows the shape");
-            (name.clone(), view)
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, &None).map_err(std::io::Error::other)?;
-    diffmoe_model::write_atomically(path, &bytes).map_err(std::io::Error::other)
+    diffmoe_model::write_f32_safetensors(path, tensors, Default::default()).map_err(std::io::Error::other)
 }
 
 #[cfg(test)]

@@ -31,4 +31,4 @@ pub use state_dict::{HostTensor, StateDict};
 pub use torch_checkpoint::{
     checkpoint_entries, is_torch_save, is_torch_save_file, read_state_dict, TorchCheckpointError, TorchTensor,
 };
-pub use weights::{load_weights, save_weights, write_atomically, WeightSource};
+pub use weights::{load_weights, save_weights, write_atomically, write_f32_safetensors, WeightSource};

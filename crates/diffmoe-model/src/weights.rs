@@ -164,26 +164,39 @@ fn same_network(a: &DiTConfig, b: &DiTConfig) -> bool {
 /// interrupted save never leaves a truncated file under `path`.
 pub fn save_weights<B: Backend>(model: &DiT<B>, path: &Path) -> Result<(), ImportError> {
     let sd = StateDict::from_model(model);
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = sd
-        .tensors
-        .iter()
-        .map(|(k, t)| (k.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(k, b, s)| {
-            TensorView::new(Dtype::F32, s.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| ImportError::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let mut metadata = HashMap::new();
     metadata.insert(FORMAT_METADATA_KEY.to_string(), FORMAT_NAME.to_string());
     metadata.insert(
         CONFIG_METADATA_KEY.to_string(),
         serde_json::to_string(&model.config).expect("a DiTConfig always serialises"),
     );
-    let out = safetensors::serialize(views, &Some(metadata))
+    write_f32_safetensors(path, sd.tensors.into_iter().map(|(k, t)| (k, t.shape, t.data)), metadata)
+}
+
+/// Writes float32 tensors `(name, shape, values)` and string `metadata` as a
+/// safetensors file, atomically ([`write_atomically`]).
+///
+/// # Errors
+/// If a tensor's values do not fill its shape, or the file cannot be written.
+pub fn write_f32_safetensors(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, Vec<usize>, Vec<f32>)>,
+    metadata: HashMap<String, String>,
+) -> Result<(), ImportError> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(k, shape, values)| (k, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(k, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| ImportError::Safetensors { path: path.to_path_buf(), reason: format!("`{k}`: {e}") })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = (!metadata.is_empty()).then_some(metadata);
+    let out = safetensors::serialize(views, &metadata)
         .map_err(|e| ImportError::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
     write_atomically(path, &out)
 }

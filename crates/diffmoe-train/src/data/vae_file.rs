@@ -183,33 +183,19 @@ pub fn write_procedural_vae<B: Backend>(
     config.validate().map_err(|source| VaeFileError::Config { path: path.to_path_buf(), source })?;
     let specs = config.init::<B>(&Default::default()).parameter_specs();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = specs
-        .into_iter()
-        .map(|spec| {
-            let numel = spec.numel();
-            let is_norm_weight = spec.shape.len() == 1 && NORM_WEIGHTS.iter().any(|n| spec.name.ends_with(n));
-            let (centre, half_width) = match spec.shape.as_slice() {
-                [_] if is_norm_weight => (1.0, 0.1),
-                [_] => (0.0, 0.1),
-                [out, ..] => (0.0, 1.0 / ((numel / out) as f32).sqrt()),
-                [] => (0.0, 0.1),
-            };
-            let bytes =
-                (0..numel).flat_map(|_| (centre + rng.random_range(-half_width..=half_width)).to_le_bytes()).collect();
-            (spec.name, spec.shape, bytes)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .expect("the byte count follows the shape");
-            (name.clone(), view)
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, &None)
-        .map_err(|e| VaeFileError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
-    diffmoe_model::write_atomically(path, &bytes)
+    let tensors = specs.into_iter().map(|spec| {
+        let numel = spec.numel();
+        let is_norm_weight = spec.shape.len() == 1 && NORM_WEIGHTS.iter().any(|n| spec.name.ends_with(n));
+        let (centre, half_width) = match spec.shape.as_slice() {
+            [_] if is_norm_weight => (1.0, 0.1),
+            [_] => (0.0, 0.1),
+            [out, ..] => (0.0, 1.0 / ((numel / out) as f32).sqrt()),
+            [] => (0.0, 0.1),
+        };
+        let values = (0..numel).map(|_| centre + rng.random_range(-half_width..=half_width)).collect();
+        (spec.name, spec.shape, values)
+    });
+    diffmoe_model::write_f32_safetensors(path, tensors, Default::default())
         .map_err(|e| VaeFileError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })
 }
 
