@@ -753,7 +753,7 @@ impl DType {
 }
 
 /// IEEE binary16 to binary32 (exact).
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let sign = u32::from(h >> 15) << 31;
     let exponent = u32::from((h >> 10) & 0x1f);
     let mantissa = u32::from(h & 0x3ff);

@@ -13,7 +13,7 @@ use crate::config::DiTConfig;
 use crate::dit::DiT;
 use crate::error::ImportError;
 use crate::state_dict::{HostTensor, StateDict};
-use crate::torch_checkpoint::read_state_dict;
+use crate::torch_checkpoint::{f16_to_f32, read_state_dict};
 
 /// Metadata key holding the model config (JSON) in the project's format.
 pub const CONFIG_METADATA_KEY: &str = "diffmoe.model_config";
@@ -87,24 +87,12 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
         Dtype::F64 => {
             bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect()
         }
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
         Dtype::BF16 => {
             bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
         }
         _ => return None,
     })
-}
-
-fn half_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = ((h >> 10) & 0x1f) as i32;
-    let frac = (h & 0x3ff) as f32;
-    sign * match exp {
-        0 => frac * 2f32.powi(-24),
-        31 if frac == 0.0 => f32::INFINITY,
-        31 => f32::NAN,
-        e => (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
-    }
 }
 
 /// Loads a model from a weight file.
