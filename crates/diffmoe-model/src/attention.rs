@@ -41,7 +41,9 @@ impl<B: Backend> Attention<B> {
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([n, h, t, hd]);
         let (q, k, v) = (part(0), part(1), part(2));
         let scale = (hd as f64).powf(-0.5);
-        let weights = activation::softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3); // [N, H, T, T]
+        // Scaling q rather than the scores: one pass over [N, H, T, hd]
+        // instead of one over [N, H, T, T].
+        let weights = activation::softmax(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)), 3); // [N, H, T, T]
         let out = weights.matmul(v).swap_dims(1, 2).reshape([n, t, h * hd]); // [N, T, H*hd]
         on_rows(out, |out| self.proj.forward(out))
     }
