@@ -6,7 +6,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::activations::Recorder;
 use crate::downsample::Downsample2d;
-use crate::resnet::ResnetBlock2d;
+use crate::resnet::{forward_stack, resnet_stack, ResnetBlock2d};
 
 /// `layers_per_block` resnets (the first changes the width), then a
 /// [`Downsample2d`] on every level but the last.
@@ -38,11 +38,7 @@ impl<B: Backend> DownEncoderBlock2d<B> {
         device: &B::Device,
     ) -> Self {
         Self {
-            resnets: (0..layers)
-                .map(|j| {
-                    ResnetBlock2d::new(if j == 0 { in_channels } else { out_channels }, out_channels, groups, device)
-                })
-                .collect(),
+            resnets: resnet_stack(in_channels, out_channels, layers, groups, device),
             downsamplers: (end == LevelEnd::Resample).then(|| Downsample2d::new(out_channels, device)),
         }
     }
@@ -56,11 +52,7 @@ impl<B: Backend> DownEncoderBlock2d<B> {
 
     /// [`Self::forward`], recording `{path}.resnets.{j}` and `{path}`.
     pub(crate) fn forward_recorded(&self, x: Tensor<B, 4>, path: &str, rec: &mut Recorder<'_, B>) -> Tensor<B, 4> {
-        let mut h = x;
-        for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(h);
-            rec.record(|| format!("{path}.resnets.{j}"), &h);
-        }
+        let mut h = forward_stack(&self.resnets, x, path, rec);
         if let Some(down) = &self.downsamplers {
             h = down.forward(h);
         }

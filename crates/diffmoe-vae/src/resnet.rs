@@ -6,6 +6,7 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{activation::silu, backend::Backend, Tensor};
 
+use crate::activations::Recorder;
 use crate::conv::{conv1x1, conv3x3};
 use crate::group_norm::GroupNorm;
 
@@ -48,6 +49,34 @@ impl<B: Backend> ResnetBlock2d<B> {
         };
         shortcut + h
     }
+}
+
+/// The `layers` resnets of an encoder or decoder level: the first maps
+/// `in_channels` to `out_channels`, the rest keep `out_channels`.
+pub(crate) fn resnet_stack<B: Backend>(
+    in_channels: usize,
+    out_channels: usize,
+    layers: usize,
+    groups: usize,
+    device: &B::Device,
+) -> Vec<ResnetBlock2d<B>> {
+    (0..layers)
+        .map(|j| ResnetBlock2d::new(if j == 0 { in_channels } else { out_channels }, out_channels, groups, device))
+        .collect()
+}
+
+/// Runs a level's resnets in order, recording `{path}.resnets.{j}`.
+pub(crate) fn forward_stack<B: Backend>(
+    resnets: &[ResnetBlock2d<B>],
+    x: Tensor<B, 4>,
+    path: &str,
+    rec: &mut Recorder<'_, B>,
+) -> Tensor<B, 4> {
+    resnets.iter().enumerate().fold(x, |h, (j, resnet)| {
+        let h = resnet.forward(h);
+        rec.record(|| format!("{path}.resnets.{j}"), &h);
+        h
+    })
 }
 
 #[cfg(test)]
