@@ -20,9 +20,21 @@ use diffmoe_model::{load_weights, preset_names, save_weights, RunConfig, WeightS
 
 /// Tensor buffers come and go by the hundred per step: mimalloc reuses their
 /// memory where glibc would unmap it and fault it back in (a third of an
-/// inference forward on the CPU).
+/// inference forward on the CPU). See [`keep_freed_memory`].
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Turns off mimalloc's purging (`mi_option_purge_delay = -1`): by default it
+/// hands memory freed 10 ms ago back to the OS, and a training step, whose
+/// activations are freed by the backward pass, faulted its buffers back in
+/// page by page (a fifth of a CPU step). The process keeps its high-water
+/// mark instead, as a GPU caching allocator does.
+fn keep_freed_memory() {
+    /// `mi_option_purge_delay` of `mimalloc.h` (not exported by the bindings).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets one integer option of the allocator; valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
 
 #[derive(Parser)]
 #[command(name = "diffmoe", version, about = "DiffMoE diffusion transformers on burn")]
@@ -78,6 +90,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    keep_freed_memory();
     match Cli::parse().command {
         Command::Info { config, brief } => {
             let run = RunConfig::resolve(&config)?;

@@ -2,19 +2,34 @@
 
 use burn::tensor::{activation, backend::Backend, Tensor};
 
+use crate::fused;
+
 /// GELU with the tanh approximation (`nn.GELU(approximate="tanh")`), the
 /// activation of every GELU MLP of DiT and DiffMoE.
 ///
-/// Computed as `x * sigmoid(2u)` with `u = sqrt(2/pi) * (x + 0.044715 x^3)`,
-/// which equals `0.5 x (1 + tanh(u))` and needs neither `powf` nor `tanh`:
-/// on the CPU backend those two libm calls per element were a fifth of a
-/// training step.
+/// One fused pass, forward and backward, on the CPU backend (`fused.rs`).
+/// Elsewhere computed as `x * sigmoid(2u)` with
+/// `u = sqrt(2/pi) * (x + 0.044715 x^3)`, which equals `0.5 x (1 + tanh(u))`
+/// and needs neither `powf` nor `tanh`.
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let x = match fused::gelu_tanh(x) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
     /// `2 * sqrt(2 / pi)`.
     const TWO_SQRT_2_OVER_PI: f64 = 2.0 * core::f64::consts::FRAC_2_SQRT_PI * core::f64::consts::FRAC_1_SQRT_2;
     let cube = x.clone() * x.clone() * x.clone();
     let u2 = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar(TWO_SQRT_2_OVER_PI);
     x * activation::sigmoid(u2)
+}
+
+/// Softmax over the last axis: one fused pass, forward and backward, on the
+/// CPU backend (`fused.rs`), burn's softmax elsewhere.
+///
+/// # Shapes
+/// - `x`: `[..., n]` -> same
+pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    fused::softmax_last(x).unwrap_or_else(|x| activation::softmax(x, D - 1))
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{activation, backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
+use crate::activation::softmax_last;
 use crate::capacity::capacity_k;
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::init;
@@ -76,8 +77,8 @@ impl<B: Backend> ExpertChoiceLayer<B> {
         let device = x.device();
         let k = capacity_k(tokens, n_experts, self.capacity);
         assert!(k >= 1 && k <= tokens, "EC capacity {} gives k = {k} for {tokens} tokens", self.capacity);
-        let scores = activation::softmax(x.clone().matmul(self.gate_weight.val().transpose().unsqueeze_dim(0)), 2)
-            .swap_dims(1, 2); // [N, E, T]
+        let scores =
+            softmax_last(x.clone().matmul(self.gate_weight.val().transpose().unsqueeze_dim(0))).swap_dims(1, 2); // [N, E, T]
         let (_, local) = scores.clone().detach().topk_with_indices(k, 2); // [N, E, k]
         let weights = scores.gather(2, local.clone()); // [N, E, k]
                                                        // Sample-local token indices to pool rows: s = n * tokens + t.

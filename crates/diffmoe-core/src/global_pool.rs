@@ -6,6 +6,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{activation, backend::Backend, ElementConversion, Int, Tensor};
 
+use crate::activation::softmax_last;
 use crate::capacity::{capacity_k, CapacityPredictor};
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::init;
@@ -120,7 +121,7 @@ impl<B: Backend> DiffMoeLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, routing: Routing) -> (Tensor<B, 3>, RoutingStats<B>) {
         let pool = TokenPool::new(x.clone());
         let logits = self.capacity_predictor.forward(pool.x.clone()); // [S, E]
-        let scores = activation::softmax(pool.x.clone().matmul(self.gate_weight.val().transpose()), 1).transpose(); // [E, S]
+        let scores = softmax_last(pool.x.clone().matmul(self.gate_weight.val().transpose())).transpose(); // [E, S]
         let (y, stats) = match routing {
             Routing::Train | Routing::Static => self.route_top_k(&pool, scores, logits),
             Routing::Dynamic { threshold_offset } => {

@@ -17,8 +17,10 @@
 mod activation;
 mod broadcast;
 mod capacity;
+mod cpu_kernels;
 mod expert_bank;
 mod expert_choice;
+mod fused;
 mod global_pool;
 mod mlp;
 mod routing;
@@ -27,7 +29,7 @@ mod threshold;
 mod token_choice;
 mod token_pool;
 
-pub use activation::gelu_tanh;
+pub use activation::{gelu_tanh, softmax_last};
 pub use broadcast::broadcast_middle;
 pub use capacity::{capacity_k, CapacityPredictor};
 pub use expert_bank::{ExpertBank, ExpertKind, GeluExperts, SwiGluExperts};

@@ -5,8 +5,9 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{activation, backend::Backend, Distribution, ElementConversion, IndexingUpdateOp, Tensor};
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, IndexingUpdateOp, Tensor};
 
+use crate::activation::softmax_last;
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::mlp::SwiGluMlp;
 use crate::routing::{Routing, RoutingStats};
@@ -87,7 +88,7 @@ impl<B: Backend> TokenChoiceLayer<B> {
         let n_experts = self.n_experts();
         let s = pool.len();
         let device = pool.x.device();
-        let scores = activation::softmax(pool.x.clone().matmul(self.gate.val().transpose()), 1); // [S, E]
+        let scores = softmax_last(pool.x.clone().matmul(self.gate.val().transpose())); // [S, E]
         let (_, choice) = scores.clone().detach().topk_with_indices(self.top_k, 1); // [S, k]
         let assigned = Tensor::<B, 2>::zeros([s, n_experts], &device).scatter(
             1,

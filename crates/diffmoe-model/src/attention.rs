@@ -4,9 +4,9 @@
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
-use diffmoe_core::{init, on_rows};
+use diffmoe_core::{init, on_rows, softmax_last};
 
 /// Self-attention.
 #[derive(Module, Debug)]
@@ -35,16 +35,32 @@ impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - `x`: `[batch, tokens, d_model]` -> `[batch, tokens, d_model]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [n, t, _] = x.dims();
+        let [n, t, d] = x.dims();
         let (h, hd) = (self.num_heads, self.head_dim);
-        let qkv = on_rows(x, |x| self.qkv.forward(x)).reshape([n, t, 3, h, hd]).permute([2, 0, 3, 1, 4]); // [3, N, H, T, hd]
-        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([n, h, t, hd]);
-        let (q, k, v) = (part(0), part(1), part(2));
+        let rows = x.reshape([n * t, d]);
+        // Each head's q, k and v by its own slice of the qkv weight, stacked
+        // head-major: the layout the attention products need, with no
+        // token-head transposition to copy forward or backward (on the CPU
+        // backend a 4-D transposition copies element by element).
+        let weight = self.qkv.weight.val(); // [d, 3 * h * hd], columns (q|k|v, head, hd)
+        let bias = self.qkv.bias.as_ref().map(|b| b.val());
+        let column = |i: usize| {
+            let y = rows.clone().matmul(weight.clone().narrow(1, i * hd, hd));
+            let y = match &bias {
+                Some(b) => y + b.clone().narrow(0, i * hd, hd).unsqueeze(),
+                None => y,
+            };
+            y.reshape([n, t, hd])
+        };
+        let heads = |part: usize| Tensor::stack::<4>((0..h).map(|j| column(part * h + j)).collect(), 1); // [N, H, T, hd]
+        let (q, k, v) = (heads(0), heads(1), heads(2));
         let scale = (hd as f64).powf(-0.5);
         // Scaling q rather than the scores: one pass over [N, H, T, hd]
         // instead of one over [N, H, T, T].
-        let weights = activation::softmax(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)), 3); // [N, H, T, T]
-        let out = weights.matmul(v).swap_dims(1, 2).reshape([n, t, h * hd]); // [N, T, H*hd]
+        let weights = softmax_last(q.mul_scalar(scale).matmul(k.swap_dims(2, 3))); // [N, H, T, T]
+        let out = weights.matmul(v); // [N, H, T, hd]
+                                     // Heads side by side, [N, T, H * hd], as whole rows of hd.
+        let out = Tensor::cat((0..h).map(|j| out.clone().narrow(1, j, 1).reshape([n, t, hd])).collect(), 2);
         on_rows(out, |out| self.proj.forward(out))
     }
 }

@@ -1,0 +1,323 @@
+//! Vectorised f32 kernels of the CPU backend: GELU (tanh) and the last-axis
+//! softmax, forward and backward, each one pass over memory.
+//!
+//! burn's CPU backend computes `exp`, `tanh` and `sigmoid` one element at a
+//! time through libm, and autodiff records GELU and softmax as chains of
+//! elementwise ops: the two were 40% of a CPU training step. Here `exp` is a
+//! branch-free polynomial (Cephes `expf`: range reduction by `ln 2`, a
+//! degree-6 polynomial, `2^n` through the exponent bits, within 2 ulp) that
+//! LLVM vectorises; each kernel is compiled twice, for AVX2 + FMA chosen at
+//! run time and for the baseline target, with the same results (no FMA
+//! contraction either way). Work is split over rayon's threads in chunks of
+//! whole rows.
+
+use rayon::prelude::*;
+
+/// Elements per rayon task (16K f32: 64 KiB in, 64 KiB out).
+const TASK_ELEMS: usize = 16 * 1024;
+
+/// `sqrt(2 / pi)`, the GELU tanh-approximation constant.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The cubic coefficient of the GELU tanh approximation.
+const GELU_CUBIC: f32 = 0.044715;
+
+/// `exp(x)` within 2 ulp for `x` in `[-87.3, 88.3]`; 0 below, `exp(88.3)`
+/// above (only reached by saturated sigmoids, where it is as good as inf).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = core::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const LOWEST: f32 = -87.336_55;
+    /// `1.5 * 2^23`: adding it rounds to an integer held in the low mantissa
+    /// bits (float ops only, so the loop vectorises; a float-to-int cast
+    /// does not).
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(LOWEST, 88.3);
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let e = p * (r * r) + r + 1.0;
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()); // n as a two's-complement u32
+    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
+    if x < LOWEST {
+        0.0
+    } else {
+        e * scale
+    }
+}
+
+/// `x * sigmoid(2u)`, `u = sqrt(2/pi) (x + 0.044715 x^3)`: equal to
+/// `0.5 x (1 + tanh(u))`.
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    let u2 = 2.0 * SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
+    x / (1.0 + exp(-u2))
+}
+
+/// `d gelu / dx = s + x s (1 - s) du2/dx` with `s = sigmoid(2u)`.
+#[inline(always)]
+fn gelu_grad(x: f32) -> f32 {
+    let x2 = x * x;
+    let u2 = 2.0 * SQRT_2_OVER_PI * (x + GELU_CUBIC * x2 * x);
+    let s = 1.0 / (1.0 + exp(-u2));
+    let du2 = 2.0 * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x2);
+    s + x * s * (1.0 - s) * du2
+}
+
+/// Lanes of the manual reductions: float reductions do not vectorise
+/// without reassociation, eight independent accumulators do.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn row_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    rest.iter().chain(acc.iter()).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+#[inline(always)]
+fn row_sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Three passes over a row that stays in L1: max, exp (a plain loop, so that
+/// it vectorises), sum and scale. In place.
+#[inline(always)]
+fn softmax_row(x: &mut [f32]) {
+    let max = row_max(x);
+    for v in x.iter_mut() {
+        *v = exp(*v - max);
+    }
+    let inv = 1.0 / row_sum(x);
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `dx = y * (g - sum(g * y))` along the row.
+#[inline(always)]
+fn softmax_backward_row(y: &[f32], g: &[f32], dx: &mut [f32]) {
+    let mut acc = [0.0f32; LANES];
+    let mut ys = y.chunks_exact(LANES);
+    let mut gs = g.chunks_exact(LANES);
+    for (yc, gc) in (&mut ys).zip(&mut gs) {
+        for ((a, &yv), &gv) in acc.iter_mut().zip(yc).zip(gc) {
+            *a += yv * gv;
+        }
+    }
+    let rest: f32 = ys.remainder().iter().zip(gs.remainder()).map(|(a, b)| a * b).sum();
+    let dot = acc.iter().sum::<f32>() + rest;
+    for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
+        *d = yv * (gv - dot);
+    }
+}
+
+/// Defines `$name`, running `$body` (an `#[inline(always)]` kernel) compiled
+/// for AVX2 + FMA when the CPU has them, and for the baseline otherwise.
+macro_rules! multiversion {
+    ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the enabled features.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+#[inline(always)]
+fn gelu_chunk(x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = gelu(x);
+    }
+}
+
+#[inline(always)]
+fn gelu_in_place_chunk(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = gelu(*v);
+    }
+}
+
+#[inline(always)]
+fn gelu_backward_chunk(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+        *d = g * gelu_grad(x);
+    }
+}
+
+#[inline(always)]
+fn softmax_rows(x: &mut [f32], row: usize) {
+    for x in x.chunks_exact_mut(row) {
+        softmax_row(x);
+    }
+}
+
+#[inline(always)]
+fn softmax_backward_rows(y: &[f32], g: &[f32], dx: &mut [f32], row: usize) {
+    for ((y, g), dx) in y.chunks_exact(row).zip(g.chunks_exact(row)).zip(dx.chunks_exact_mut(row)) {
+        softmax_backward_row(y, g, dx);
+    }
+}
+
+multiversion!(gelu_chunk_best, gelu_chunk, (x: &[f32], y: &mut [f32]));
+multiversion!(gelu_in_place_chunk_best, gelu_in_place_chunk, (x: &mut [f32]));
+multiversion!(gelu_backward_chunk_best, gelu_backward_chunk, (x: &[f32], g: &[f32], dx: &mut [f32]));
+multiversion!(softmax_rows_best, softmax_rows, (x: &mut [f32], row: usize));
+multiversion!(softmax_backward_rows_best, softmax_backward_rows, (y: &[f32], g: &[f32], dx: &mut [f32], row: usize));
+
+/// Rows per rayon task for rows of `row` elements.
+fn task_rows(row: usize) -> usize {
+    (TASK_ELEMS / row.max(1)).max(1)
+}
+
+/// `y = gelu_tanh(x)`.
+pub fn gelu_tanh(x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "gelu_tanh: input and output lengths differ");
+    x.par_chunks(TASK_ELEMS).zip(y.par_chunks_mut(TASK_ELEMS)).for_each(|(x, y)| gelu_chunk_best(x, y));
+}
+
+/// `x = gelu_tanh(x)`.
+pub fn gelu_tanh_in_place(x: &mut [f32]) {
+    x.par_chunks_mut(TASK_ELEMS).for_each(gelu_in_place_chunk_best);
+}
+
+/// `dx = g * gelu_tanh'(x)`.
+pub fn gelu_tanh_backward(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    assert!(x.len() == g.len() && x.len() == dx.len(), "gelu_tanh_backward: lengths differ");
+    x.par_chunks(TASK_ELEMS)
+        .zip(g.par_chunks(TASK_ELEMS))
+        .zip(dx.par_chunks_mut(TASK_ELEMS))
+        .for_each(|((x, g), dx)| gelu_backward_chunk_best(x, g, dx));
+}
+
+/// Softmax of every row of `row` elements of `x`, in place (the scores are
+/// the largest tensor of attention: the pass is memory-bound).
+pub fn softmax_in_place(x: &mut [f32], row: usize) {
+    assert!(row > 0 && x.len() % row == 0, "softmax: bad row length {row}");
+    let chunk = task_rows(row) * row;
+    x.par_chunks_mut(chunk).for_each(|x| softmax_rows_best(x, row));
+}
+
+/// The softmax gradient `dx = y * (g - sum(g * y))`, row by row, from the
+/// softmax output `y` and the output gradient `g`.
+pub fn softmax_backward(y: &[f32], g: &[f32], dx: &mut [f32], row: usize) {
+    assert!(
+        row > 0 && y.len() == g.len() && y.len() == dx.len() && y.len() % row == 0,
+        "softmax_backward: bad row length {row}"
+    );
+    let chunk = task_rows(row) * row;
+    y.par_chunks(chunk)
+        .zip(g.par_chunks(chunk))
+        .zip(dx.par_chunks_mut(chunk))
+        .for_each(|((y, g), dx)| softmax_backward_rows_best(y, g, dx, row));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f32, b: f64, rel: f64) -> bool {
+        (a as f64 - b).abs() <= rel * b.abs().max(1e-30)
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let got = exp(x);
+            assert!(close(got, (x as f64).exp(), 2.5e-7), "exp({x}) = {got}, expected {}", (x as f64).exp());
+            x += 0.0137;
+        }
+        assert_eq!(exp(-200.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(200.0) > 1e38);
+    }
+
+    #[test]
+    fn gelu_and_its_gradient_match_the_tanh_formula() {
+        let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 400.0).collect(); // [-10, 10]
+        let mut y = vec![0.0; xs.len()];
+        gelu_tanh(&xs, &mut y);
+        let g: Vec<f32> = (0..xs.len()).map(|i| 1.0 + (i % 3) as f32).collect();
+        let mut dx = vec![0.0; xs.len()];
+        gelu_tanh_backward(&xs, &g, &mut dx);
+        let mut in_place = xs.clone();
+        gelu_tanh_in_place(&mut in_place);
+        assert_eq!(in_place, y);
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        for i in 0..xs.len() {
+            let x = xs[i] as f64;
+            let u = c * (x + 0.044715 * x * x * x);
+            let expected = 0.5 * x * (1.0 + u.tanh());
+            assert!((y[i] as f64 - expected).abs() <= 1e-6 * (1.0 + expected.abs()), "gelu({x}) = {}", y[i]);
+            let sech2 = 1.0 - u.tanh() * u.tanh();
+            let grad = 0.5 * (1.0 + u.tanh()) + 0.5 * x * sech2 * c * (1.0 + 3.0 * 0.044715 * x * x);
+            let expected = g[i] as f64 * grad;
+            assert!((dx[i] as f64 - expected).abs() <= 2e-6 * (1.0 + expected.abs()), "gelu'({x}) = {}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn softmax_and_its_gradient_match_the_definition() {
+        // Rows of several lengths, remainders and a -inf entry included.
+        for row in [1usize, 7, 8, 37, 256] {
+            let rows = 300;
+            let x: Vec<f32> = (0..rows * row).map(|i| ((i * 7919) % 1000) as f32 / 50.0 - 10.0).collect();
+            let mut x = x;
+            if row > 1 {
+                x[row / 2] = f32::NEG_INFINITY;
+            }
+            let g: Vec<f32> = (0..rows * row).map(|i| ((i * 104729) % 97) as f32 / 30.0 - 1.5).collect();
+            let mut y = x.clone();
+            softmax_in_place(&mut y, row);
+            let mut dx = vec![0.0; x.len()];
+            softmax_backward(&y, &g, &mut dx, row);
+            for r in 0..rows {
+                let xs = &x[r * row..(r + 1) * row];
+                let max = xs.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                let sum: f64 = xs.iter().map(|&v| (v as f64 - max).exp()).sum();
+                let p: Vec<f64> = xs.iter().map(|&v| (v as f64 - max).exp() / sum).collect();
+                let dot: f64 = (0..row).map(|j| p[j] * g[r * row + j] as f64).sum();
+                let abs_dot: f64 = (0..row).map(|j| p[j] * (g[r * row + j] as f64).abs()).sum();
+                for j in 0..row {
+                    assert!((y[r * row + j] as f64 - p[j]).abs() <= 1e-6 * p[j] + 1e-12, "row {r} col {j}");
+                    let gj = g[r * row + j] as f64;
+                    let expected = p[j] * (gj - dot);
+                    // f32 rounding of y and of the dot product (which may cancel).
+                    let tol = 4e-6 * p[j] * (gj.abs() + abs_dot) + 1e-12;
+                    assert!((dx[r * row + j] as f64 - expected).abs() <= tol, "row {r} col {j}: {}", dx[r * row + j]);
+                }
+            }
+        }
+    }
+}

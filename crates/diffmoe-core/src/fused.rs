@@ -1,0 +1,216 @@
+//! Fused GELU (tanh) and last-axis softmax on the CPU backend.
+//!
+//! The model is generic over burn backends. When the backend is burn's CPU
+//! backend (`Flex`, or `Autodiff<Flex>` in training) these ops run the
+//! one-pass kernels of [`crate::cpu_kernels`], with their own backward step
+//! registered in the autodiff graph; the caller falls back to burn's ops on
+//! any other backend (GPU backends fuse elementwise chains themselves), on
+//! other float types and under a checkpointing strategy.
+//!
+//! The backend is recognised by type (`Any`), a no-op after monomorphisation.
+
+use core::any::Any;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, DType, Tensor, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor, Layout};
+
+use crate::cpu_kernels;
+
+/// `t` as a `U` when `T` and `U` are the same type, `t` back otherwise.
+fn same_type<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+    let mut slot = Some(t);
+    match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
+        Some(u) => Ok(u.take().expect("filled above")),
+        None => Err(slot.expect("untouched")),
+    }
+}
+
+/// `Ok(gelu_tanh(x))` on the CPU backend with f32 data, `Err(x)` otherwise.
+pub(crate) fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    on_cpu(x, flex_gelu_tanh, autodiff_gelu_tanh)
+}
+
+/// `Ok(softmax(x, D - 1))` on the CPU backend with f32 data, `Err(x)`
+/// otherwise.
+pub(crate) fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    on_cpu(x, flex_softmax, autodiff_softmax)
+}
+
+/// Runs `flex` or `autodiff` on `x` when `B` is `Flex` or `Autodiff<Flex>`
+/// and `x` holds f32.
+fn on_cpu<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    flex: fn(FlexTensor) -> FlexTensor,
+    autodiff: fn(Tensor<Autodiff<Flex>, D>) -> Tensor<Autodiff<Flex>, D>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if x.dtype() != DType::F32 {
+        return Err(x);
+    }
+    let x = match same_type::<_, Tensor<Flex, D>>(x) {
+        Ok(x) => {
+            let y = Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(flex(x.into_primitive().tensor())));
+            return Ok(same_type(y).unwrap_or_else(|_| unreachable!("B is Flex")));
+        }
+        Err(x) => x,
+    };
+    match same_type::<_, Tensor<Autodiff<Flex>, D>>(x) {
+        Ok(x) => Ok(same_type(autodiff(x)).unwrap_or_else(|_| unreachable!("B is Autodiff<Flex>"))),
+        Err(x) => Err(x),
+    }
+}
+
+/// `x` with its f32 elements exactly covering its buffer in row-major order:
+/// `x` itself when it already does, a copy of a view otherwise.
+fn contiguous(x: FlexTensor) -> FlexTensor {
+    let whole =
+        x.is_contiguous() && x.layout().start_offset() == 0 && x.storage::<f32>().len() == x.layout().num_elements();
+    if whole {
+        x
+    } else {
+        x.to_contiguous()
+    }
+}
+
+/// A new contiguous f32 tensor of `shape` filled by `fill`.
+fn new_f32(shape: burn::tensor::Shape, fill: impl FnOnce(&mut [f32])) -> FlexTensor {
+    let mut out = vec![0.0f32; shape.num_elements()];
+    fill(&mut out);
+    FlexTensor::new(burn::tensor::Bytes::from_elems(out), Layout::contiguous(shape), DType::F32)
+}
+
+fn flex_gelu_tanh(x: FlexTensor) -> FlexTensor {
+    let mut x = contiguous(x);
+    if let Some(data) = x.try_storage_mut::<f32>() {
+        cpu_kernels::gelu_tanh_in_place(data);
+        return x;
+    }
+    new_f32(x.layout().shape().clone(), |y| cpu_kernels::gelu_tanh(x.storage(), y))
+}
+
+fn flex_softmax(x: FlexTensor) -> FlexTensor {
+    let mut y = contiguous(x);
+    let shape = y.layout().shape().clone();
+    let row = shape[shape.num_dims() - 1];
+    if shape.num_elements() > 0 {
+        // In place when `y` is the only holder of its buffer, on a copy otherwise.
+        cpu_kernels::softmax_in_place(y.storage_mut(), row);
+    }
+    y
+}
+
+/// Backward step of GELU: keeps the input.
+#[derive(Debug)]
+struct GeluTanhBackward;
+
+impl Backward<Flex, 1> for GeluTanhBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let x = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
+            let g = contiguous(g);
+            new_f32(x.layout().shape().clone(), |dx| cpu_kernels::gelu_tanh_backward(x.storage(), g.storage(), dx))
+        });
+    }
+}
+
+/// Backward step of softmax: keeps the output.
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl Backward<Flex, 1> for SoftmaxBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let y = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
+            let g = contiguous(g);
+            let shape = y.layout().shape().clone();
+            let row = shape[shape.num_dims() - 1];
+            new_f32(shape, |dx| cpu_kernels::softmax_backward(y.storage(), g.storage(), dx, row))
+        });
+    }
+}
+
+fn autodiff_gelu_tanh<const D: usize>(x: Tensor<Autodiff<Flex>, D>) -> Tensor<Autodiff<Flex>, D> {
+    let x = x.into_primitive().tensor();
+    let out = match GeluTanhBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let input = contiguous(x.primitive);
+            let y = new_f32(input.layout().shape().clone(), |y| cpu_kernels::gelu_tanh(input.storage(), y));
+            prep.finish(input, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(flex_gelu_tanh(x.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+fn autodiff_softmax<const D: usize>(x: Tensor<Autodiff<Flex>, D>) -> Tensor<Autodiff<Flex>, D> {
+    let x = x.into_primitive().tensor();
+    let out = match SoftmaxBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let y = flex_softmax(x.primitive);
+            prep.finish(y.clone(), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(flex_softmax(x.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{activation, Distribution, Tolerance};
+
+    type Ad = Autodiff<Flex>;
+
+    fn composite_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+        let u = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715))
+            .mul_scalar((2.0 / core::f64::consts::PI).sqrt());
+        x.mul_scalar(0.5) * u.tanh().add_scalar(1.0)
+    }
+
+    #[test]
+    fn cpu_ops_equal_burn_ops_forward_and_backward() {
+        let device = Default::default();
+        let x = Tensor::<Ad, 3>::random([3, 5, 37], Distribution::Normal(0.0, 2.0), &device).require_grad();
+        let w = Tensor::<Ad, 3>::random([3, 5, 37], Distribution::Normal(0.0, 1.0), &device);
+        // Output and input gradient of `op` on a strided view of `x`, as
+        // attention scores and MLP activations can be (each backward pass
+        // consumes its graph, so every call builds its own).
+        let run = |op: &dyn Fn(Tensor<Ad, 3>) -> Tensor<Ad, 3>| {
+            let y = op(x.clone().swap_dims(1, 2));
+            let grads = (y.clone() * w.clone().swap_dims(1, 2)).sum().backward();
+            (y.inner(), x.grad(&grads).expect("x takes part in the graph"))
+        };
+        let fused_ops: [&dyn Fn(Tensor<Ad, 3>) -> Tensor<Ad, 3>; 2] =
+            [&|x| gelu_tanh(x).unwrap_or_else(|_| panic!("Autodiff<Flex> takes the CPU kernel")), &|x| {
+                softmax_last(x).unwrap_or_else(|_| panic!("Autodiff<Flex> takes the CPU kernel"))
+            }];
+        let burn_ops: [&dyn Fn(Tensor<Ad, 3>) -> Tensor<Ad, 3>; 2] = [&composite_gelu, &|x| activation::softmax(x, 2)];
+        for (fused, reference) in fused_ops.into_iter().zip(burn_ops) {
+            let (y, dx) = run(fused);
+            let (y_ref, dx_ref) = run(reference);
+            y.into_data().assert_approx_eq::<f32>(&y_ref.into_data(), Tolerance::absolute(2e-6));
+            dx.into_data().assert_approx_eq::<f32>(&dx_ref.into_data(), Tolerance::absolute(1e-5));
+        }
+        // Without autodiff, in place on a unique tensor and copied on a shared one.
+        let plain = x.clone().inner();
+        let kept = plain.clone();
+        let y = gelu_tanh(plain).unwrap_or_else(|_| panic!("Flex takes the CPU kernel"));
+        y.into_data().assert_approx_eq::<f32>(&composite_gelu(kept.clone()).into_data(), Tolerance::absolute(2e-6));
+        kept.into_data().assert_eq(&x.clone().inner().into_data(), true);
+    }
+
+    #[test]
+    fn other_float_types_fall_back() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 2>::ones([2, 3], &device).cast(burn::tensor::FloatDType::F64);
+        assert!(softmax_last(x).is_err());
+    }
+}
