@@ -30,6 +30,24 @@ fn same_type<T: 'static, U: 'static>(t: T) -> Result<U, T> {
     }
 }
 
+/// The CPU backend's tensor behind `x` when `B` is `Flex` and `x` holds f32
+/// (for kernels outside this crate), `x` back otherwise.
+pub fn flex_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
+    if x.dtype() != DType::F32 {
+        return Err(x);
+    }
+    same_type::<_, Tensor<Flex, D>>(x).map(|x| x.into_primitive().tensor())
+}
+
+/// `t` as a tensor of `B`.
+///
+/// # Panics
+/// If `B` is not `Flex` (pair with [`flex_f32`]).
+pub fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+    same_type(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(t)))
+        .unwrap_or_else(|_| panic!("from_flex on the {} backend", core::any::type_name::<B>()))
+}
+
 /// `Ok(gelu_tanh(x))` on the CPU backend with f32 data, `Err(x)` otherwise.
 pub(crate) fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
     on_cpu(x, flex_gelu_tanh, autodiff_gelu_tanh)
@@ -51,11 +69,8 @@ fn on_cpu<B: Backend, const D: usize>(
     if x.dtype() != DType::F32 {
         return Err(x);
     }
-    let x = match same_type::<_, Tensor<Flex, D>>(x) {
-        Ok(x) => {
-            let y = Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(flex(x.into_primitive().tensor())));
-            return Ok(same_type(y).unwrap_or_else(|_| unreachable!("B is Flex")));
-        }
+    let x = match flex_f32(x) {
+        Ok(x) => return Ok(from_flex(flex(x))),
         Err(x) => x,
     };
     match same_type::<_, Tensor<Autodiff<Flex>, D>>(x) {
@@ -66,7 +81,7 @@ fn on_cpu<B: Backend, const D: usize>(
 
 /// `x` with its f32 elements exactly covering its buffer in row-major order:
 /// `x` itself when it already does, a copy of a view otherwise.
-fn contiguous(x: FlexTensor) -> FlexTensor {
+pub fn flex_contiguous(x: FlexTensor) -> FlexTensor {
     let whole =
         x.is_contiguous() && x.layout().start_offset() == 0 && x.storage::<f32>().len() == x.layout().num_elements();
     if whole {
@@ -84,7 +99,7 @@ fn new_f32(shape: burn::tensor::Shape, fill: impl FnOnce(&mut [f32])) -> FlexTen
 }
 
 fn flex_gelu_tanh(x: FlexTensor) -> FlexTensor {
-    let mut x = contiguous(x);
+    let mut x = flex_contiguous(x);
     if let Some(data) = x.try_storage_mut::<f32>() {
         cpu_kernels::gelu_tanh_in_place(data);
         return x;
@@ -93,7 +108,7 @@ fn flex_gelu_tanh(x: FlexTensor) -> FlexTensor {
 }
 
 fn flex_softmax(x: FlexTensor) -> FlexTensor {
-    let mut y = contiguous(x);
+    let mut y = flex_contiguous(x);
     let shape = y.layout().shape().clone();
     let row = shape[shape.num_dims() - 1];
     if shape.num_elements() > 0 {
@@ -113,7 +128,7 @@ impl Backward<Flex, 1> for GeluTanhBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let x = ops.state;
         unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
-            let g = contiguous(g);
+            let g = flex_contiguous(g);
             new_f32(x.layout().shape().clone(), |dx| cpu_kernels::gelu_tanh_backward(x.storage(), g.storage(), dx))
         });
     }
@@ -129,7 +144,7 @@ impl Backward<Flex, 1> for SoftmaxBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let y = ops.state;
         unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
-            let g = contiguous(g);
+            let g = flex_contiguous(g);
             let shape = y.layout().shape().clone();
             let row = shape[shape.num_dims() - 1];
             new_f32(shape, |dx| cpu_kernels::softmax_backward(y.storage(), g.storage(), dx, row))
@@ -141,7 +156,7 @@ fn autodiff_gelu_tanh<const D: usize>(x: Tensor<Autodiff<Flex>, D>) -> Tensor<Au
     let x = x.into_primitive().tensor();
     let out = match GeluTanhBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let input = contiguous(x.primitive);
+            let input = flex_contiguous(x.primitive);
             let y = new_f32(input.layout().shape().clone(), |y| cpu_kernels::gelu_tanh(input.storage(), y));
             prep.finish(input, y)
         }

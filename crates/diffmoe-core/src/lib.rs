@@ -10,6 +10,8 @@
 //! * [`DiffMoeLayer`]: the batch-level global token pool with capacity predictor.
 //! * [`ExpertChoiceLayer`]: expert choice inside each sample (EC-DiT).
 //! * [`TokenChoiceLayer`]: token choice with a load-balancing loss (TC-DiT).
+//! * [`gelu_tanh`], [`softmax_last`]: one fused pass, forward and backward,
+//!   on burn's CPU backend (its tensors are reached with [`flex_f32`]).
 //!
 //! No layer mutates itself in `forward`: each returns [`RoutingStats`], and the
 //! caller applies the threshold update ([`DiffMoeLayer::with_updated_thresholds`]).
@@ -34,6 +36,7 @@ pub use broadcast::broadcast_middle;
 pub use capacity::{capacity_k, CapacityPredictor};
 pub use expert_bank::{ExpertBank, ExpertKind, GeluExperts, SwiGluExperts};
 pub use expert_choice::{ExpertChoiceConfig, ExpertChoiceLayer};
+pub use fused::{flex_contiguous, flex_f32, from_flex};
 pub use global_pool::{DiffMoeConfig, DiffMoeLayer};
 pub use mlp::{FeedForward, Mlp, SwiGluMlp};
 pub use routing::{Routing, RoutingStats};

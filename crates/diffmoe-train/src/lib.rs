@@ -6,6 +6,7 @@
 //! samplers, sample generation and where its compute goes; and the parity
 //! checker against the official fixtures.
 
+mod adamw_kernel;
 mod capacity_loss;
 mod checkpoint;
 mod compute;

@@ -10,6 +10,9 @@
 //! v   <- v * beta2 + (1 - beta2) * g * g
 //! p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 //! ```
+//!
+//! On burn's CPU backend the update runs as one in-place pass
+//! (`adamw_kernel.rs`), with the same bits.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +21,7 @@ use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorDat
 
 use diffmoe_model::{DiT, OptimizerConfig};
 
+use crate::adamw_kernel::{fused_adamw, AdamWStep};
 use crate::gradient_buffer::GradientBuffer;
 use crate::param_path::{map_named, NamedMapper};
 
@@ -63,23 +67,36 @@ impl<B: AutodiffBackend> NamedMapper<B> for Update<'_, B> {
         let dims = tensor.dims();
         let numel = grad.dims()[0];
         let c = self.config;
-        let mut p = tensor.inner().reshape([numel]); // [numel]
-        if c.weight_decay != 0.0 {
-            p = p.mul_scalar(1.0 - self.lr * c.weight_decay);
-        }
+        let p = tensor.inner().reshape([numel]); // [numel]
         let state = self
             .moments
             .remove(&key)
             .unwrap_or_else(|| Moments { exp_avg: grad.zeros_like(), exp_avg_sq: grad.zeros_like() });
         let [beta1, beta2] = c.betas;
-        let exp_avg = state.exp_avg.clone() + (grad.clone() - state.exp_avg).mul_scalar(1.0 - beta1);
-        let exp_avg_sq = state.exp_avg_sq.mul_scalar(beta2) + (grad.clone() * grad).mul_scalar(1.0 - beta2);
         let t = self.step as i32;
-        let bias_correction1 = 1.0 - beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let step_size = self.lr / bias_correction1;
-        let denom = exp_avg_sq.clone().sqrt().div_scalar(bias_correction2_sqrt).add_scalar(c.epsilon);
-        let p = p - (exp_avg.clone() / denom).mul_scalar(step_size);
+        let step = AdamWStep {
+            decay: (c.weight_decay != 0.0).then(|| 1.0 - self.lr * c.weight_decay),
+            one_minus_beta1: 1.0 - beta1,
+            beta2,
+            one_minus_beta2: 1.0 - beta2,
+            bias_correction2_sqrt: (1.0 - beta2.powi(t)).sqrt(),
+            epsilon: c.epsilon,
+            step_size: self.lr / (1.0 - beta1.powi(t)),
+        };
+        let (p, exp_avg, exp_avg_sq) = match fused_adamw(p, grad, state.exp_avg, state.exp_avg_sq, &step) {
+            Ok([p, exp_avg, exp_avg_sq]) => (p, exp_avg, exp_avg_sq),
+            Err([p, grad, exp_avg, exp_avg_sq]) => {
+                let p = match step.decay {
+                    Some(decay) => p.mul_scalar(decay),
+                    None => p,
+                };
+                let exp_avg = exp_avg.clone() + (grad.clone() - exp_avg).mul_scalar(step.one_minus_beta1);
+                let exp_avg_sq = exp_avg_sq.mul_scalar(beta2) + (grad.clone() * grad).mul_scalar(step.one_minus_beta2);
+                let denom = exp_avg_sq.clone().sqrt().div_scalar(step.bias_correction2_sqrt).add_scalar(c.epsilon);
+                let p = p - (exp_avg.clone() / denom).mul_scalar(step.step_size);
+                (p, exp_avg, exp_avg_sq)
+            }
+        };
         self.moments.insert(key, Moments { exp_avg, exp_avg_sq });
         let mut updated = Tensor::<B, D>::from_inner(p.reshape(dims));
         if require_grad {
