@@ -12,7 +12,7 @@ use crate::fused;
 /// `u = sqrt(2/pi) * (x + 0.044715 x^3)`, which equals `0.5 x (1 + tanh(u))`
 /// and needs neither `powf` nor `tanh`.
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let x = match fused::gelu_tanh(x) {
+    let x = match fused::pointwise(fused::GELU_TANH, x) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -21,6 +21,12 @@ pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let cube = x.clone() * x.clone() * x.clone();
     let u2 = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar(TWO_SQRT_2_OVER_PI);
     x * activation::sigmoid(u2)
+}
+
+/// SiLU, `x * sigmoid(x)` (`nn.SiLU`): one fused pass, forward and backward,
+/// on the CPU backend (`fused.rs`), burn's `silu` elsewhere.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    fused::pointwise(fused::SILU, x).unwrap_or_else(activation::silu)
 }
 
 /// Softmax over the last axis: one fused pass, forward and backward, on the

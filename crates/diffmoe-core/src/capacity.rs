@@ -3,8 +3,9 @@
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
+use crate::activation::silu;
 use crate::init;
 
 /// Tokens per expert of expert-choice routing over `tokens` tokens:
@@ -36,7 +37,7 @@ impl<B: Backend> CapacityPredictor<B> {
     /// # Shapes
     /// - `x`: `[S, d_model]` -> `[S, n_experts]` logits
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc2.forward(activation::silu(self.fc1.forward(x.detach())))
+        self.fc2.forward(silu(self.fc1.forward(x.detach())))
     }
 }
 

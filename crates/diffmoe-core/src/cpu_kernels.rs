@@ -56,7 +56,7 @@ fn exp(x: f32) -> f32 {
 /// `x * sigmoid(2u)`, `u = sqrt(2/pi) (x + 0.044715 x^3)`: equal to
 /// `0.5 x (1 + tanh(u))`.
 #[inline(always)]
-fn gelu(x: f32) -> f32 {
+fn gelu_scalar(x: f32) -> f32 {
     let u2 = 2.0 * SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
     x / (1.0 + exp(-u2))
 }
@@ -69,6 +69,19 @@ fn gelu_grad(x: f32) -> f32 {
     let s = 1.0 / (1.0 + exp(-u2));
     let du2 = 2.0 * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x2);
     s + x * s * (1.0 - s) * du2
+}
+
+/// `x * sigmoid(x)`.
+#[inline(always)]
+fn silu_scalar(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// `d silu / dx = s (1 + x (1 - s))` with `s = sigmoid(x)`.
+#[inline(always)]
+fn silu_grad(x: f32) -> f32 {
+    let s = 1.0 / (1.0 + exp(-x));
+    s * (1.0 + x * (1.0 - s))
 }
 
 /// Lanes of the manual reductions: float reductions do not vectorise
@@ -154,26 +167,35 @@ macro_rules! multiversion {
     };
 }
 
-#[inline(always)]
-fn gelu_chunk(x: &[f32], y: &mut [f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = gelu(x);
-    }
+/// Defines the forward, in-place and backward chunk kernels of the
+/// pointwise function `$f` with derivative `$grad`.
+macro_rules! pointwise_chunks {
+    ($f:ident, $grad:ident, $fwd:ident, $in_place:ident, $bwd:ident) => {
+        #[inline(always)]
+        fn $fwd(x: &[f32], y: &mut [f32]) {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = $f(x);
+            }
+        }
+
+        #[inline(always)]
+        fn $in_place(x: &mut [f32]) {
+            for v in x.iter_mut() {
+                *v = $f(*v);
+            }
+        }
+
+        #[inline(always)]
+        fn $bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
+            for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                *d = g * $grad(x);
+            }
+        }
+    };
 }
 
-#[inline(always)]
-fn gelu_in_place_chunk(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v = gelu(*v);
-    }
-}
-
-#[inline(always)]
-fn gelu_backward_chunk(x: &[f32], g: &[f32], dx: &mut [f32]) {
-    for ((d, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-        *d = g * gelu_grad(x);
-    }
-}
+pointwise_chunks!(gelu_scalar, gelu_grad, gelu_chunk, gelu_in_place_chunk, gelu_backward_chunk);
+pointwise_chunks!(silu_scalar, silu_grad, silu_chunk, silu_in_place_chunk, silu_backward_chunk);
 
 #[inline(always)]
 fn softmax_rows(x: &mut [f32], row: usize) {
@@ -192,6 +214,9 @@ fn softmax_backward_rows(y: &[f32], g: &[f32], dx: &mut [f32], row: usize) {
 multiversion!(gelu_chunk_best, gelu_chunk, (x: &[f32], y: &mut [f32]));
 multiversion!(gelu_in_place_chunk_best, gelu_in_place_chunk, (x: &mut [f32]));
 multiversion!(gelu_backward_chunk_best, gelu_backward_chunk, (x: &[f32], g: &[f32], dx: &mut [f32]));
+multiversion!(silu_chunk_best, silu_chunk, (x: &[f32], y: &mut [f32]));
+multiversion!(silu_in_place_chunk_best, silu_in_place_chunk, (x: &mut [f32]));
+multiversion!(silu_backward_chunk_best, silu_backward_chunk, (x: &[f32], g: &[f32], dx: &mut [f32]));
 multiversion!(softmax_rows_best, softmax_rows, (x: &mut [f32], row: usize));
 multiversion!(softmax_backward_rows_best, softmax_backward_rows, (y: &[f32], g: &[f32], dx: &mut [f32], row: usize));
 
@@ -200,25 +225,50 @@ fn task_rows(row: usize) -> usize {
     (TASK_ELEMS / row.max(1)).max(1)
 }
 
-/// `y = gelu_tanh(x)`.
-pub fn gelu_tanh(x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), y.len(), "gelu_tanh: input and output lengths differ");
-    x.par_chunks(TASK_ELEMS).zip(y.par_chunks_mut(TASK_ELEMS)).for_each(|(x, y)| gelu_chunk_best(x, y));
+/// Defines the public forward, in-place and backward functions of a
+/// pointwise kernel, split over rayon's threads.
+macro_rules! pointwise_api {
+    ($name:literal, $fwd:ident, $in_place:ident, $bwd:ident, $fwd_chunk:ident, $in_place_chunk:ident, $bwd_chunk:ident) => {
+        #[doc = concat!("`y = ", $name, "(x)`.")]
+        pub fn $fwd(x: &[f32], y: &mut [f32]) {
+            assert_eq!(x.len(), y.len(), concat!($name, ": input and output lengths differ"));
+            x.par_chunks(TASK_ELEMS).zip(y.par_chunks_mut(TASK_ELEMS)).for_each(|(x, y)| $fwd_chunk(x, y));
+        }
+
+        #[doc = concat!("`x = ", $name, "(x)`.")]
+        pub fn $in_place(x: &mut [f32]) {
+            x.par_chunks_mut(TASK_ELEMS).for_each($in_place_chunk);
+        }
+
+        #[doc = concat!("`dx = g * ", $name, "'(x)`.")]
+        pub fn $bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
+            assert!(x.len() == g.len() && x.len() == dx.len(), concat!($name, " backward: lengths differ"));
+            x.par_chunks(TASK_ELEMS)
+                .zip(g.par_chunks(TASK_ELEMS))
+                .zip(dx.par_chunks_mut(TASK_ELEMS))
+                .for_each(|((x, g), dx)| $bwd_chunk(x, g, dx));
+        }
+    };
 }
 
-/// `x = gelu_tanh(x)`.
-pub fn gelu_tanh_in_place(x: &mut [f32]) {
-    x.par_chunks_mut(TASK_ELEMS).for_each(gelu_in_place_chunk_best);
-}
-
-/// `dx = g * gelu_tanh'(x)`.
-pub fn gelu_tanh_backward(x: &[f32], g: &[f32], dx: &mut [f32]) {
-    assert!(x.len() == g.len() && x.len() == dx.len(), "gelu_tanh_backward: lengths differ");
-    x.par_chunks(TASK_ELEMS)
-        .zip(g.par_chunks(TASK_ELEMS))
-        .zip(dx.par_chunks_mut(TASK_ELEMS))
-        .for_each(|((x, g), dx)| gelu_backward_chunk_best(x, g, dx));
-}
+pointwise_api!(
+    "gelu_tanh",
+    gelu_tanh,
+    gelu_tanh_in_place,
+    gelu_tanh_backward,
+    gelu_chunk_best,
+    gelu_in_place_chunk_best,
+    gelu_backward_chunk_best
+);
+pointwise_api!(
+    "silu",
+    silu,
+    silu_in_place,
+    silu_backward,
+    silu_chunk_best,
+    silu_in_place_chunk_best,
+    silu_backward_chunk_best
+);
 
 /// Softmax of every row of `row` elements of `x`, in place (the scores are
 /// the largest tensor of attention: the pass is memory-bound).
@@ -284,6 +334,26 @@ mod tests {
             let grad = 0.5 * (1.0 + u.tanh()) + 0.5 * x * sech2 * c * (1.0 + 3.0 * 0.044715 * x * x);
             let expected = g[i] as f64 * grad;
             assert!((dx[i] as f64 - expected).abs() <= 2e-6 * (1.0 + expected.abs()), "gelu'({x}) = {}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn silu_and_its_gradient_match_the_definition() {
+        let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 200.0).collect(); // [-20, 20]
+        let mut y = vec![0.0; xs.len()];
+        silu(&xs, &mut y);
+        let g: Vec<f32> = (0..xs.len()).map(|i| 0.5 + (i % 5) as f32).collect();
+        let mut dx = vec![0.0; xs.len()];
+        silu_backward(&xs, &g, &mut dx);
+        let mut in_place = xs.clone();
+        silu_in_place(&mut in_place);
+        assert_eq!(in_place, y);
+        for i in 0..xs.len() {
+            let x = xs[i] as f64;
+            let s = 1.0 / (1.0 + (-x).exp());
+            assert!((y[i] as f64 - x * s).abs() <= 1e-6 * (1.0 + (x * s).abs()), "silu({x}) = {}", y[i]);
+            let expected = g[i] as f64 * s * (1.0 + x * (1.0 - s));
+            assert!((dx[i] as f64 - expected).abs() <= 2e-6 * (1.0 + expected.abs()), "silu'({x}) = {}", dx[i]);
         }
     }
 

@@ -3,9 +3,9 @@
 //! tokens gathered for it (the official code loops over experts in Python).
 
 use burn::module::{Module, Param};
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
-use crate::activation::gelu_tanh;
+use crate::activation::{gelu_tanh, silu};
 use crate::broadcast::broadcast_middle;
 use crate::init;
 
@@ -109,7 +109,7 @@ impl<B: Backend> ExpertBank<B> {
                 // [E, K, D]
             }
             Self::SwiGlu(e) => {
-                let gate = activation::silu(x.clone().matmul(e.gate_proj.val())); // [E, K, H]
+                let gate = silu(x.clone().matmul(e.gate_proj.val())); // [E, K, H]
                 let up = x.matmul(e.up_proj.val()); // [E, K, H]
                 (gate * up).matmul(e.down_proj.val()) // [E, K, D]
             }

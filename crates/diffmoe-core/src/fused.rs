@@ -1,4 +1,4 @@
-//! Fused GELU (tanh) and last-axis softmax on the CPU backend.
+//! Fused GELU (tanh), SiLU and last-axis softmax on the CPU backend.
 //!
 //! The model is generic over burn backends. When the backend is burn's CPU
 //! backend (`Flex`, or `Autodiff<Flex>` in training) these ops run the
@@ -48,9 +48,38 @@ pub fn from_flex<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
         .unwrap_or_else(|_| panic!("from_flex on the {} backend", core::any::type_name::<B>()))
 }
 
-/// `Ok(gelu_tanh(x))` on the CPU backend with f32 data, `Err(x)` otherwise.
-pub(crate) fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
-    on_cpu(x, flex_gelu_tanh, autodiff_gelu_tanh)
+/// An elementwise activation with CPU kernels; its backward step keeps the
+/// input.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pointwise {
+    /// `x = f(x)`.
+    forward_in_place: fn(&mut [f32]),
+    /// `y = f(x)`.
+    forward: fn(&[f32], &mut [f32]),
+    /// `dx = g * f'(x)`.
+    backward: fn(&[f32], &[f32], &mut [f32]),
+}
+
+/// GELU with the tanh approximation.
+pub(crate) const GELU_TANH: Pointwise = Pointwise {
+    forward_in_place: cpu_kernels::gelu_tanh_in_place,
+    forward: cpu_kernels::gelu_tanh,
+    backward: cpu_kernels::gelu_tanh_backward,
+};
+
+/// SiLU, `x * sigmoid(x)`.
+pub(crate) const SILU: Pointwise = Pointwise {
+    forward_in_place: cpu_kernels::silu_in_place,
+    forward: cpu_kernels::silu,
+    backward: cpu_kernels::silu_backward,
+};
+
+/// `Ok(op(x))` on the CPU backend with f32 data, `Err(x)` otherwise.
+pub(crate) fn pointwise<B: Backend, const D: usize>(
+    op: Pointwise,
+    x: Tensor<B, D>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    on_cpu(x, |x| flex_pointwise(op, x), |x| autodiff_pointwise(op, x))
 }
 
 /// `Ok(softmax(x, D - 1))` on the CPU backend with f32 data, `Err(x)`
@@ -63,8 +92,8 @@ pub(crate) fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Resul
 /// and `x` holds f32.
 fn on_cpu<B: Backend, const D: usize>(
     x: Tensor<B, D>,
-    flex: fn(FlexTensor) -> FlexTensor,
-    autodiff: fn(Tensor<Autodiff<Flex>, D>) -> Tensor<Autodiff<Flex>, D>,
+    flex: impl FnOnce(FlexTensor) -> FlexTensor,
+    autodiff: impl FnOnce(Tensor<Autodiff<Flex>, D>) -> Tensor<Autodiff<Flex>, D>,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
     if x.dtype() != DType::F32 {
         return Err(x);
@@ -98,13 +127,13 @@ fn new_f32(shape: burn::tensor::Shape, fill: impl FnOnce(&mut [f32])) -> FlexTen
     FlexTensor::new(burn::tensor::Bytes::from_elems(out), Layout::contiguous(shape), DType::F32)
 }
 
-fn flex_gelu_tanh(x: FlexTensor) -> FlexTensor {
+fn flex_pointwise(op: Pointwise, x: FlexTensor) -> FlexTensor {
     let mut x = flex_contiguous(x);
     if let Some(data) = x.try_storage_mut::<f32>() {
-        cpu_kernels::gelu_tanh_in_place(data);
+        (op.forward_in_place)(data);
         return x;
     }
-    new_f32(x.layout().shape().clone(), |y| cpu_kernels::gelu_tanh(x.storage(), y))
+    new_f32(x.layout().shape().clone(), |y| (op.forward)(x.storage(), y))
 }
 
 fn flex_softmax(x: FlexTensor) -> FlexTensor {
@@ -118,18 +147,18 @@ fn flex_softmax(x: FlexTensor) -> FlexTensor {
     y
 }
 
-/// Backward step of GELU: keeps the input.
+/// Backward step of a pointwise op: keeps the input.
 #[derive(Debug)]
-struct GeluTanhBackward;
+struct PointwiseBackward(Pointwise);
 
-impl Backward<Flex, 1> for GeluTanhBackward {
+impl Backward<Flex, 1> for PointwiseBackward {
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let x = ops.state;
         unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
             let g = flex_contiguous(g);
-            new_f32(x.layout().shape().clone(), |dx| cpu_kernels::gelu_tanh_backward(x.storage(), g.storage(), dx))
+            new_f32(x.layout().shape().clone(), |dx| (self.0.backward)(x.storage(), g.storage(), dx))
         });
     }
 }
@@ -152,15 +181,15 @@ impl Backward<Flex, 1> for SoftmaxBackward {
     }
 }
 
-fn autodiff_gelu_tanh<const D: usize>(x: Tensor<Autodiff<Flex>, D>) -> Tensor<Autodiff<Flex>, D> {
+fn autodiff_pointwise<const D: usize>(op: Pointwise, x: Tensor<Autodiff<Flex>, D>) -> Tensor<Autodiff<Flex>, D> {
     let x = x.into_primitive().tensor();
-    let out = match GeluTanhBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+    let out = match PointwiseBackward(op).prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let input = flex_contiguous(x.primitive);
-            let y = new_f32(input.layout().shape().clone(), |y| cpu_kernels::gelu_tanh(input.storage(), y));
+            let y = new_f32(input.layout().shape().clone(), |y| (op.forward)(input.storage(), y));
             prep.finish(input, y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(flex_gelu_tanh(x.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(flex_pointwise(op, x.primitive)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
@@ -203,11 +232,13 @@ mod tests {
             let grads = (y.clone() * w.clone().swap_dims(1, 2)).sum().backward();
             (y.inner(), x.grad(&grads).expect("x takes part in the graph"))
         };
-        let fused_ops: [&dyn Fn(Tensor<Ad, 3>) -> Tensor<Ad, 3>; 2] =
-            [&|x| gelu_tanh(x).unwrap_or_else(|_| panic!("Autodiff<Flex> takes the CPU kernel")), &|x| {
-                softmax_last(x).unwrap_or_else(|_| panic!("Autodiff<Flex> takes the CPU kernel"))
-            }];
-        let burn_ops: [&dyn Fn(Tensor<Ad, 3>) -> Tensor<Ad, 3>; 2] = [&composite_gelu, &|x| activation::softmax(x, 2)];
+        let cpu = |r: Result<Tensor<Ad, 3>, Tensor<Ad, 3>>| {
+            r.unwrap_or_else(|_| panic!("Autodiff<Flex> takes the CPU kernel"))
+        };
+        let fused_ops: [&dyn Fn(Tensor<Ad, 3>) -> Tensor<Ad, 3>; 3] =
+            [&|x| cpu(pointwise(GELU_TANH, x)), &|x| cpu(pointwise(SILU, x)), &|x| cpu(softmax_last(x))];
+        let burn_ops: [&dyn Fn(Tensor<Ad, 3>) -> Tensor<Ad, 3>; 3] =
+            [&composite_gelu, &|x| x.clone() * activation::sigmoid(x), &|x| activation::softmax(x, 2)];
         for (fused, reference) in fused_ops.into_iter().zip(burn_ops) {
             let (y, dx) = run(fused);
             let (y_ref, dx_ref) = run(reference);
@@ -217,7 +248,7 @@ mod tests {
         // Without autodiff, in place on a unique tensor and copied on a shared one.
         let plain = x.clone().inner();
         let kept = plain.clone();
-        let y = gelu_tanh(plain).unwrap_or_else(|_| panic!("Flex takes the CPU kernel"));
+        let y = pointwise(GELU_TANH, plain).unwrap_or_else(|_| panic!("Flex takes the CPU kernel"));
         y.into_data().assert_approx_eq::<f32>(&composite_gelu(kept.clone()).into_data(), Tolerance::absolute(2e-6));
         kept.into_data().assert_eq(&x.clone().inner().into_data(), true);
     }

@@ -10,7 +10,7 @@
 //! * [`DiffMoeLayer`]: the batch-level global token pool with capacity predictor.
 //! * [`ExpertChoiceLayer`]: expert choice inside each sample (EC-DiT).
 //! * [`TokenChoiceLayer`]: token choice with a load-balancing loss (TC-DiT).
-//! * [`gelu_tanh`], [`softmax_last`]: one fused pass, forward and backward,
+//! * [`gelu_tanh`], [`silu`], [`softmax_last`]: one fused pass, forward and backward,
 //!   on burn's CPU backend (its tensors are reached with [`flex_f32`]).
 //!
 //! No layer mutates itself in `forward`: each returns [`RoutingStats`], and the
@@ -31,7 +31,7 @@ mod threshold;
 mod token_choice;
 mod token_pool;
 
-pub use activation::{gelu_tanh, softmax_last};
+pub use activation::{gelu_tanh, silu, softmax_last};
 pub use broadcast::broadcast_middle;
 pub use capacity::{capacity_k, CapacityPredictor};
 pub use expert_bank::{ExpertBank, ExpertKind, GeluExperts, SwiGluExperts};

@@ -3,9 +3,9 @@
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
-use crate::activation::gelu_tanh;
+use crate::activation::{gelu_tanh, silu};
 use crate::init;
 use crate::rows::on_rows;
 
@@ -61,7 +61,7 @@ impl<B: Backend> SwiGluMlp<B> {
     /// - `x`: `[..., d_model]` -> `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         on_rows(x, |x| {
-            let gate = activation::silu(self.gate_proj.forward(x.clone()));
+            let gate = silu(self.gate_proj.forward(x.clone()));
             self.down_proj.forward(gate * self.up_proj.forward(x))
         })
     }

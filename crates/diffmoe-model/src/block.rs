@@ -3,10 +3,11 @@
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{activation, backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 use diffmoe_core::{
-    broadcast_middle, on_rows, DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats, TokenChoiceLayer,
+    broadcast_middle, on_rows, silu, DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats,
+    TokenChoiceLayer,
 };
 
 use crate::attention::Attention;
@@ -85,7 +86,7 @@ impl<B: Backend> DiTBlock<B> {
         c: Tensor<B, 2>,
         routing: Routing,
     ) -> (Tensor<B, 3>, Option<RoutingStats<B>>) {
-        let mut m = self.adaln_modulation.forward(activation::silu(c)).chunk(6, 1).into_iter();
+        let mut m = self.adaln_modulation.forward(silu(c)).chunk(6, 1).into_iter();
         let mut next = || m.next().expect("six modulation chunks");
         let (shift_msa, scale_msa, gate_msa) = (next(), next(), next());
         let (shift_mlp, scale_mlp, gate_mlp) = (next(), next(), next());
@@ -111,7 +112,7 @@ impl<B: Backend> FinalLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, tokens, d_model]`, `c`: `[batch, d_model]` -> `[batch, tokens, p * p * out_channels]`
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let mut m = self.adaln_modulation.forward(activation::silu(c)).chunk(2, 1).into_iter();
+        let mut m = self.adaln_modulation.forward(silu(c)).chunk(2, 1).into_iter();
         let shift = m.next().expect("two modulation chunks");
         let scale = m.next().expect("two modulation chunks");
         on_rows(modulate(layer_norm(x), shift, scale), |x| self.linear.forward(x))

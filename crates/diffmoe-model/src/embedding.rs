@@ -3,9 +3,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{activation, backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use diffmoe_core::init;
+use diffmoe_core::{init, silu};
 
 /// Size of the sinusoidal timestep features fed to the timestep MLP.
 pub const FREQUENCY_EMBEDDING_SIZE: usize = 256;
@@ -130,7 +130,7 @@ impl<B: Backend> TimestepEmbedder<B> {
     /// - `t`: `[batch]` -> `[batch, d_model]`
     pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
         let features = timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE);
-        self.fc2.forward(activation::silu(self.fc1.forward(features)))
+        self.fc2.forward(silu(self.fc1.forward(features)))
     }
 }
 
