@@ -66,6 +66,28 @@ enum Selection {
     AboveThreshold,
 }
 
+/// How the threshold modes lay out expert slots: every expert gets `slots`
+/// (the largest `k_e` rounded up to a bucket of `chunk / 8`, so that a
+/// backend that compiles per shape sees few shapes), run `chunk` slots at a
+/// time, `chunk` being `S / n_experts` rounded up to a multiple of 8: a chunk
+/// holds about as many expert rows as the pool has tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotPlan {
+    /// Slots per expert, `>= max_e k_e`, at most `S`.
+    slots: usize,
+    /// Slots per batched expert matmul.
+    chunk: usize,
+}
+
+impl SlotPlan {
+    fn new(pool: usize, n_experts: usize, k_max: usize) -> Self {
+        let round_up = |n: usize, m: usize| n.div_ceil(m) * m;
+        let chunk = round_up(pool.div_ceil(n_experts.max(1)), 8).min(pool).max(1);
+        let bucket = (chunk / 8).max(1);
+        Self { slots: round_up(k_max, bucket).min(pool), chunk }
+    }
+}
+
 /// A non-trainable tensor saved with the module (a PyTorch buffer).
 pub(crate) fn buffer<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
     Param::from_tensor(t).set_require_grad(false)
@@ -164,8 +186,11 @@ impl<B: Backend> DiffMoeLayer<B> {
     /// Every expert ranks the pool by a key whose first `k_e` entries are its
     /// tokens (the gate scores for the official rule; for per-token routing
     /// the gate scores of the tokens above the threshold, -1 elsewhere, which
-    /// is below any softmax score), takes the top `max_e k_e`, and weights the
-    /// slots past `k_e` by zero, so all experts still run as one batched matmul.
+    /// is below any softmax score), takes the top `max_e k_e` (padded to a
+    /// bucket, [`SlotPlan`]), and weights the slots past `k_e` by zero, so all
+    /// experts still run as batched matmuls: over chunks of the slot axis,
+    /// so that the layer's memory stays that of about `S` expert rows however
+    /// the tokens fall.
     fn route_by_threshold(
         &self,
         pool: &TokenPool<B>,
@@ -179,7 +204,7 @@ impl<B: Backend> DiffMoeLayer<B> {
         let thresholds = self.expert_threshold.val().add_scalar(offset).unsqueeze_dim::<2>(0); // [1, E]
         let above = activation::sigmoid(logits.clone()).greater(thresholds).transpose(); // [E, S]
         let counts = above.clone().int().sum_dim(1).reshape([n_experts]); // [E]
-                                                                          // The one host synchronisation of this layer: the size of the expert batch.
+                                                                          // The one host synchronisation of the layer.
         let k_max = counts.clone().max().into_scalar().elem::<i64>().max(0) as usize;
         let (y, mut stats) = if k_max == 0 {
             let d_model = pool.x.dims()[1];
@@ -187,15 +212,16 @@ impl<B: Backend> DiffMoeLayer<B> {
             let zero = Tensor::zeros([n_experts, 1], &device);
             (Tensor::zeros([pool.len(), d_model], &device), pool.expert_choice_stats(none, zero.clone(), zero))
         } else {
+            let plan = SlotPlan::new(pool.len(), n_experts, k_max);
             let key = match selection {
                 Selection::TopByGate => scores.clone(),
                 Selection::AboveThreshold => scores.clone().mask_fill(above.bool_not(), -1.0),
             }; // [E, S]
-            let (_, indices) = key.topk_with_indices(k_max, 1); // [E, k_max]
-            let slot = Tensor::<B, 1, Int>::arange(0..k_max as i64, &device).unsqueeze_dim::<2>(0); // [1, k_max]
-            let valid = slot.lower(counts.clone().unsqueeze_dim::<2>(1)).float(); // [E, k_max]
-            let weights = scores.gather(1, indices.clone()) * valid.clone(); // [E, k_max]
-            let y = pool.dispatch(&self.experts, indices.clone(), weights.clone());
+            let (_, indices) = key.topk_with_indices(plan.slots, 1); // [E, slots]
+            let slot = Tensor::<B, 1, Int>::arange(0..plan.slots as i64, &device).unsqueeze_dim::<2>(0); // [1, slots]
+            let valid = slot.lower(counts.clone().unsqueeze_dim::<2>(1)).float(); // [E, slots]
+            let weights = scores.gather(1, indices.clone()) * valid.clone(); // [E, slots]
+            let y = pool.dispatch_in_chunks(&self.experts, indices.clone(), weights.clone(), plan.chunk);
             (y, pool.expert_choice_stats(indices, weights, valid))
         };
         stats.tokens_per_expert = counts;
@@ -249,6 +275,23 @@ mod tests {
         assert_eq!(counts, vec![k as i64; 4]);
         let mask_total: f32 = stats.selection_mask.sum().into_scalar();
         assert_eq!(mask_total as usize, 4 * k);
+    }
+
+    #[test]
+    fn slot_plans_bound_the_rows_of_a_chunk_by_the_pool() {
+        // S = 8192 tokens, 8 experts: chunks of 1024 slots, buckets of 128.
+        assert_eq!(SlotPlan::new(8192, 8, 1000), SlotPlan { slots: 1024, chunk: 1024 });
+        assert_eq!(SlotPlan::new(8192, 8, 1025), SlotPlan { slots: 1152, chunk: 1024 });
+        // Every token to one expert: S slots, still 1024 per chunk.
+        assert_eq!(SlotPlan::new(8192, 8, 8192), SlotPlan { slots: 8192, chunk: 1024 });
+        // Tiny pools: never more slots than tokens.
+        assert_eq!(SlotPlan::new(24, 4, 3), SlotPlan { slots: 3, chunk: 8 });
+        assert_eq!(SlotPlan::new(5, 16, 5), SlotPlan { slots: 5, chunk: 5 });
+        for (pool, experts, k) in [(1024, 16, 1), (1024, 16, 77), (16384, 16, 16384), (7, 3, 2)] {
+            let plan = SlotPlan::new(pool, experts, k);
+            assert!(plan.slots >= k && plan.slots <= pool);
+            assert!(experts * plan.chunk <= pool + 8 * experts, "{plan:?}");
+        }
     }
 
     #[test]

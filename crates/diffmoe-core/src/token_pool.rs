@@ -46,17 +46,55 @@ impl<B: Backend> TokenPool<B> {
     /// - `indices`: `[n_experts, k]` pool rows, `weights`: `[n_experts, k]`
     /// - returns `[batch * tokens, d_model]`
     pub fn dispatch(&self, experts: &ExpertBank<B>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
+        let d_model = self.x.dims()[1];
+        self.dispatch_into(Tensor::zeros([self.len(), d_model], &self.x.device()), experts, indices, weights)
+    }
+
+    /// [`Self::dispatch`] over the slot axis in chunks of at most `chunk`
+    /// slots, each one batched matmul over all experts, summed into one
+    /// output: the intermediates of a chunk are `n_experts * chunk` rows
+    /// whatever `k` is. For inference, where nothing is kept for a backward
+    /// pass.
+    ///
+    /// # Shapes
+    /// - `indices`: `[n_experts, k]` pool rows, `weights`: `[n_experts, k]`
+    /// - returns `[batch * tokens, d_model]`
+    pub fn dispatch_in_chunks(
+        &self,
+        experts: &ExpertBank<B>,
+        indices: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+        chunk: usize,
+    ) -> Tensor<B, 2> {
+        let [_, k] = indices.dims();
+        let d_model = self.x.dims()[1];
+        let chunk = chunk.max(1);
+        (0..k).step_by(chunk).fold(Tensor::zeros([self.len(), d_model], &self.x.device()), |acc, start| {
+            let len = chunk.min(k - start);
+            self.dispatch_into(
+                acc,
+                experts,
+                indices.clone().narrow(1, start, len),
+                weights.clone().narrow(1, start, len),
+            )
+        })
+    }
+
+    /// `acc` plus the weighted expert outputs of `indices`, summed into their
+    /// tokens.
+    fn dispatch_into(
+        &self,
+        acc: Tensor<B, 2>,
+        experts: &ExpertBank<B>,
+        indices: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
         let [n_experts, k] = indices.dims();
         let d_model = self.x.dims()[1];
         let flat = indices.reshape([n_experts * k]);
         let inputs = self.x.clone().select(0, flat.clone()).reshape([n_experts, k, d_model]);
         let outputs = experts.forward(inputs) * weights.unsqueeze_dim(2); // [E, k, D]
-        Tensor::zeros([self.len(), d_model], &self.x.device()).select_assign(
-            0,
-            flat,
-            outputs.reshape([n_experts * k, d_model]),
-            IndexingUpdateOp::Add,
-        )
+        acc.select_assign(0, flat, outputs.reshape([n_experts * k, d_model]), IndexingUpdateOp::Add)
     }
 
     /// Scatters per-expert values into an expert-major `[n_experts, S]` map
@@ -134,6 +172,12 @@ mod tests {
         let all = experts.forward(pool.x.clone().unsqueeze_dim::<3>(0).repeat_dim(0, 2)); // [2, 3, 4]
         let dense_w = Tensor::<Flex, 2>::from_data(TensorData::from([[0.25f32, 0.0, 0.5], [1.0, 2.0, 0.0]]), &device);
         let expected = (all * dense_w.unsqueeze_dim(2)).sum_dim(0).squeeze_dim::<2>(0);
-        y.into_data().assert_approx_eq::<f32>(&expected.into_data(), burn::tensor::Tolerance::default());
+        y.into_data().assert_approx_eq::<f32>(&expected.clone().into_data(), burn::tensor::Tolerance::default());
+        for chunk in [1, 2, 5] {
+            let idx = Tensor::<Flex, 2, Int>::from_data(TensorData::from([[2i64, 0], [0, 1]]), &device);
+            let w = Tensor::<Flex, 2>::from_data(TensorData::from([[0.5f32, 0.25], [1.0, 2.0]]), &device);
+            let y = pool.dispatch_in_chunks(&experts, idx, w, chunk);
+            y.into_data().assert_approx_eq::<f32>(&expected.clone().into_data(), burn::tensor::Tolerance::default());
+        }
     }
 }

@@ -107,16 +107,43 @@ impl<B: Backend> IntoI64 for Tensor<B, 1, Int> {
     }
 }
 
+/// DiffMoE thresholds of an inference case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Thresholds {
+    /// [`calibrated`]: about `capacity` experts per token.
+    Calibrated,
+    /// Below every probability: every token to every expert, the worst case
+    /// of the threshold modes' memory (eval-forward only).
+    AcceptAll,
+}
+
 /// The inference routing modes that differ for a family.
-fn inference_routings(config: &DiTConfig) -> Vec<(String, Routing)> {
+fn inference_routings(config: &DiTConfig, workload: Workload) -> Vec<(String, Routing, Thresholds)> {
     match config.family {
-        Family::Diffmoe => vec![
-            ("static".into(), Routing::Static),
-            ("dynamic".into(), Routing::DYNAMIC),
-            ("per-token".into(), Routing::PER_TOKEN),
-        ],
-        _ => vec![("static".into(), Routing::Static)],
+        Family::Diffmoe => {
+            let mut modes = vec![
+                ("static".into(), Routing::Static, Thresholds::Calibrated),
+                ("dynamic".into(), Routing::DYNAMIC, Thresholds::Calibrated),
+                ("per-token".into(), Routing::PER_TOKEN, Thresholds::Calibrated),
+            ];
+            if workload == Workload::EvalForward {
+                modes.push(("dynamic-all".into(), Routing::DYNAMIC, Thresholds::AcceptAll));
+            }
+            modes
+        }
+        _ => vec![("static".into(), Routing::Static, Thresholds::Calibrated)],
     }
+}
+
+/// `model` with every DiffMoE threshold at -1.
+fn accept_all<B: Backend>(mut model: DiT<B>) -> DiT<B> {
+    for block in &mut model.blocks {
+        if let BlockMlp::DiffMoe(layer) = &mut block.mlp {
+            let below = layer.expert_threshold.val().zeros_like().sub_scalar(1.0);
+            layer.expert_threshold = Param::from_tensor(below).set_require_grad(false);
+        }
+    }
+    model
 }
 
 /// A model for inference whose DiffMoE thresholds are the per-expert
@@ -151,10 +178,14 @@ pub fn cases<B: AutodiffBackend>(
             let inputs = inputs::<B::InnerBackend>(&config, batch, device);
             let model = calibrated(&config, &inputs, device);
             let objective = run.objective;
-            inference_routings(&config)
+            inference_routings(&config, workload)
                 .into_iter()
-                .map(|(variant, routing)| {
-                    let (model, inputs) = (model.clone(), inputs.clone_all());
+                .map(|(variant, routing, thresholds)| {
+                    let model = match thresholds {
+                        Thresholds::Calibrated => model.clone(),
+                        Thresholds::AcceptAll => accept_all(model.clone()),
+                    };
+                    let inputs = inputs.clone_all();
                     let expert_tokens = expert_tokens(&model, &inputs, routing);
                     let (model_calls, run): (usize, Box<dyn FnMut()>) = match workload {
                         Workload::Sample => {
