@@ -292,6 +292,38 @@ pub fn softmax_backward(y: &[f32], g: &[f32], dx: &mut [f32], row: usize) {
         .for_each(|((y, g), dx)| softmax_backward_rows_best(y, g, dx, row));
 }
 
+/// The `k` largest entries of every row of `row` elements, in descending
+/// order (`f32::total_cmp`, ties by lower index): `(values, indices)`, each
+/// `rows * k` long. A partial selection, `O(row + k log k)` per row, rows in
+/// parallel.
+pub fn topk_rows(x: &[f32], row: usize, k: usize) -> (Vec<f32>, Vec<i64>) {
+    assert!(row > 0 && x.len() % row == 0 && k <= row, "topk: k = {k} of rows of {row}");
+    let rows = x.len() / row;
+    let mut values = vec![0.0f32; rows * k];
+    let mut indices = vec![0i64; rows * k];
+    if k == 0 {
+        return (values, indices);
+    }
+    values.par_chunks_mut(k).zip(indices.par_chunks_mut(k)).zip(x.par_chunks(row)).for_each_init(
+        Vec::new,
+        |order: &mut Vec<u32>, ((values, indices), x)| {
+            let descending = |a: &u32, b: &u32| x[*b as usize].total_cmp(&x[*a as usize]).then(a.cmp(b));
+            order.clear();
+            order.extend(0..row as u32);
+            if k < row {
+                order.select_nth_unstable_by(k - 1, descending);
+                order.truncate(k);
+            }
+            order.sort_unstable_by(descending);
+            for ((v, i), &o) in values.iter_mut().zip(indices.iter_mut()).zip(order.iter()) {
+                *v = x[o as usize];
+                *i = o as i64;
+            }
+        },
+    );
+    (values, indices)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +366,25 @@ mod tests {
             let grad = 0.5 * (1.0 + u.tanh()) + 0.5 * x * sech2 * c * (1.0 + 3.0 * 0.044715 * x * x);
             let expected = g[i] as f64 * grad;
             assert!((dx[i] as f64 - expected).abs() <= 2e-6 * (1.0 + expected.abs()), "gelu'({x}) = {}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn topk_equals_a_full_descending_sort() {
+        let row = 97;
+        // Repeated values, so that ties are exercised.
+        let x: Vec<f32> = (0..5 * row).map(|i| ((i * 7919) % 23) as f32 - 11.0).collect();
+        for k in [0, 1, 5, 96, 97] {
+            let (values, indices) = topk_rows(&x, row, k);
+            for r in 0..5 {
+                let xs = &x[r * row..(r + 1) * row];
+                let mut order: Vec<usize> = (0..row).collect();
+                order.sort_by(|&a, &b| xs[b].total_cmp(&xs[a]).then(a.cmp(&b)));
+                for j in 0..k {
+                    assert_eq!(indices[r * k + j], order[j] as i64, "row {r} k {k} slot {j}");
+                    assert_eq!(values[r * k + j], xs[order[j]]);
+                }
+            }
         }
     }
 

@@ -13,6 +13,7 @@ use crate::init;
 use crate::mlp::SwiGluMlp;
 use crate::routing::RoutingStats;
 use crate::token_pool::TokenPool;
+use crate::topk::topk_last;
 
 /// Hyper-parameters of an EC layer.
 #[derive(Config, Debug)]
@@ -79,7 +80,7 @@ impl<B: Backend> ExpertChoiceLayer<B> {
         assert!(k >= 1 && k <= tokens, "EC capacity {} gives k = {k} for {tokens} tokens", self.capacity);
         let scores =
             softmax_last(x.clone().matmul(self.gate_weight.val().transpose().unsqueeze_dim(0))).swap_dims(1, 2); // [N, E, T]
-        let (_, local) = scores.clone().detach().topk_with_indices(k, 2); // [N, E, k]
+        let (_, local) = topk_last(scores.clone(), k); // [N, E, k]
         let weights = scores.gather(2, local.clone()); // [N, E, k]
                                                        // Sample-local token indices to pool rows: s = n * tokens + t.
         let offset = Tensor::<B, 1, Int>::arange(0..batch as i64, &device).mul_scalar(tokens as i64);

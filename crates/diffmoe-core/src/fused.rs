@@ -88,6 +88,21 @@ pub(crate) fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Resul
     on_cpu(x, flex_softmax, autodiff_softmax)
 }
 
+/// The f32 values of `x` in row-major order, without autodiff, when `B` is
+/// `Flex` or `Autodiff<Flex>` (no device transfer, at most a copy of a
+/// strided view).
+pub(crate) fn cpu_values<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<FlexTensor> {
+    if x.dtype() != DType::F32 {
+        return None;
+    }
+    if let Ok(t) = same_type::<_, Tensor<Flex, D>>(x.clone()) {
+        return Some(flex_contiguous(t.into_primitive().tensor()));
+    }
+    same_type::<_, Tensor<Autodiff<Flex>, D>>(x.clone())
+        .ok()
+        .map(|t| flex_contiguous(t.into_primitive().tensor().primitive))
+}
+
 /// Runs `flex` or `autodiff` on `x` when `B` is `Flex` or `Autodiff<Flex>`
 /// and `x` holds f32.
 fn on_cpu<B: Backend, const D: usize>(

@@ -14,6 +14,7 @@ use crate::mlp::Mlp;
 use crate::routing::{Routing, RoutingStats};
 use crate::threshold::{ema_update, threshold_quantile, ThresholdSync, THRESHOLD_EMA_DECAY};
 use crate::token_pool::TokenPool;
+use crate::topk::topk_last;
 
 /// Hyper-parameters of a DiffMoE layer.
 #[derive(Config, Debug)]
@@ -170,7 +171,7 @@ impl<B: Backend> DiffMoeLayer<B> {
     ) -> (Tensor<B, 2>, RoutingStats<B>) {
         let k = capacity_k(pool.len(), self.n_experts(), self.capacity);
         assert!(k >= 1, "DiffMoE capacity {} gives k = 0 for a pool of {} tokens", self.capacity, pool.len());
-        let (_, indices) = scores.clone().detach().topk_with_indices(k, 1); // [E, k]
+        let (_, indices) = topk_last(scores.clone(), k); // [E, k]
         let weights = scores.gather(1, indices.clone()); // [E, k]
         let y = pool.dispatch(&self.experts, indices.clone(), weights.clone());
         let valid = Tensor::ones([self.n_experts(), k], &pool.x.device());
@@ -217,7 +218,7 @@ impl<B: Backend> DiffMoeLayer<B> {
                 Selection::TopByGate => scores.clone(),
                 Selection::AboveThreshold => scores.clone().mask_fill(above.bool_not(), -1.0),
             }; // [E, S]
-            let (_, indices) = key.topk_with_indices(plan.slots, 1); // [E, slots]
+            let (_, indices) = topk_last(key, plan.slots); // [E, slots]
             let slot = Tensor::<B, 1, Int>::arange(0..plan.slots as i64, &device).unsqueeze_dim::<2>(0); // [1, slots]
             let valid = slot.lower(counts.clone().unsqueeze_dim::<2>(1)).float(); // [E, slots]
             let weights = scores.gather(1, indices.clone()) * valid.clone(); // [E, slots]

@@ -30,6 +30,7 @@ mod rows;
 mod threshold;
 mod token_choice;
 mod token_pool;
+mod topk;
 
 pub use activation::{gelu_tanh, silu, softmax_last};
 pub use broadcast::broadcast_middle;
@@ -44,5 +45,6 @@ pub use rows::on_rows;
 pub use threshold::{LocalReplica, ThresholdSync, THRESHOLD_EMA_DECAY};
 pub use token_choice::{TokenChoiceConfig, TokenChoiceLayer, AUX_LOSS_ALPHA};
 pub use token_pool::TokenPool;
+pub use topk::topk_last;
 
 pub mod init;

@@ -4,6 +4,8 @@
 
 use burn::tensor::{activation, backend::Backend, Tensor};
 
+use crate::topk::topk_last;
+
 /// The official `ema_decay` buffer value.
 pub const THRESHOLD_EMA_DECAY: f32 = 0.95;
 
@@ -36,7 +38,7 @@ pub(crate) fn threshold_quantile<B: Backend>(logits: Tensor<B, 2>, k: usize) -> 
     let [s, n_experts] = logits.dims();
     assert!(k >= 1 && k <= s, "threshold quantile needs 1 <= k <= {s}, got k = {k}");
     let probs = activation::sigmoid(logits.detach()).transpose(); // [E, S]
-    let (top, _) = probs.topk_with_indices(k, 1); // [E, k], descending
+    let (top, _) = topk_last(probs, k); // [E, k], descending
     top.narrow(1, k - 1, 1).reshape([n_experts])
 }
 

@@ -12,6 +12,7 @@ use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::mlp::SwiGluMlp;
 use crate::routing::{Routing, RoutingStats};
 use crate::token_pool::TokenPool;
+use crate::topk::topk_last;
 
 /// Weight of the load-balancing loss (official `aux_loss_alpha`).
 pub const AUX_LOSS_ALPHA: f64 = 0.01;
@@ -89,7 +90,7 @@ impl<B: Backend> TokenChoiceLayer<B> {
         let s = pool.len();
         let device = pool.x.device();
         let scores = softmax_last(pool.x.clone().matmul(self.gate.val().transpose())); // [S, E]
-        let (_, choice) = scores.clone().detach().topk_with_indices(self.top_k, 1); // [S, k]
+        let (_, choice) = topk_last(scores.clone(), self.top_k); // [S, k]
         let assigned = Tensor::<B, 2>::zeros([s, n_experts], &device).scatter(
             1,
             choice,
