@@ -16,9 +16,10 @@ use diffmoe_train::parity::{any_failed, check_dir, format_report};
 
 /// Tensor buffers come and go by the hundred per step: mimalloc reuses their
 /// memory where glibc would unmap it and fault it back in (a third of an
-/// inference forward on the CPU). See [`keep_freed_memory`].
+/// inference forward on the CPU). See [`keep_freed_memory`]. The bench's
+/// memory column counts live bytes through [`bench::CountingAllocator`].
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: bench::CountingAllocator<mimalloc::MiMalloc> = bench::CountingAllocator(mimalloc::MiMalloc);
 
 /// Turns off mimalloc's purging (`mi_option_purge_delay = -1`): by default it
 /// hands memory freed 10 ms ago back to the OS, and a training step, whose

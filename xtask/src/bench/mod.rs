@@ -8,6 +8,8 @@ pub mod flops;
 pub mod memory;
 pub mod workload;
 
+pub use memory::CountingAllocator;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -155,7 +157,8 @@ pub fn run<B: AutodiffBackend>(args: &BenchArgs, device: &B::Device) -> Result<R
                     (case.run)();
                 }
                 B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
-                let cpu = device_name.contains("flex") && memory::reset_peak();
+                let cpu = device_name.contains("flex");
+                memory::reset_peak();
                 let mut times = Vec::with_capacity(args.repeat);
                 for _ in 0..args.repeat {
                     let start = Instant::now();
@@ -163,7 +166,7 @@ pub fn run<B: AutodiffBackend>(args: &BenchArgs, device: &B::Device) -> Result<R
                     B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
                     times.push(start.elapsed().as_secs_f64());
                 }
-                let peak_memory_bytes = if cpu { memory::peak_bytes() } else { None };
+                let peak_memory_bytes = cpu.then(memory::peak_bytes);
                 times.sort_by(f64::total_cmp);
                 let median = times[times.len() / 2];
                 let tokens = case.config.tokens();
