@@ -345,28 +345,47 @@ mod tests {
         assert!(exp(200.0) > 1e38);
     }
 
+    /// Checks a pointwise kernel's forward (and in-place forward) and
+    /// backward on `xs` against `f` and `f'` computed in f64.
+    fn check_pointwise(
+        name: &str,
+        (forward, in_place, backward): (fn(&[f32], &mut [f32]), fn(&mut [f32]), fn(&[f32], &[f32], &mut [f32])),
+        xs: &[f32],
+        f: impl Fn(f64) -> f64,
+        f_prime: impl Fn(f64) -> f64,
+    ) {
+        let mut y = vec![0.0; xs.len()];
+        forward(xs, &mut y);
+        let g: Vec<f32> = (0..xs.len()).map(|i| 0.5 + (i % 5) as f32).collect();
+        let mut dx = vec![0.0; xs.len()];
+        backward(xs, &g, &mut dx);
+        let mut y_in_place = xs.to_vec();
+        in_place(&mut y_in_place);
+        assert_eq!(y_in_place, y, "{name} in place");
+        for i in 0..xs.len() {
+            let x = xs[i] as f64;
+            let expected = f(x);
+            assert!((y[i] as f64 - expected).abs() <= 1e-6 * (1.0 + expected.abs()), "{name}({x}) = {}", y[i]);
+            let expected = g[i] as f64 * f_prime(x);
+            assert!((dx[i] as f64 - expected).abs() <= 2e-6 * (1.0 + expected.abs()), "{name}'({x}) = {}", dx[i]);
+        }
+    }
+
     #[test]
     fn gelu_and_its_gradient_match_the_tanh_formula() {
         let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 400.0).collect(); // [-10, 10]
-        let mut y = vec![0.0; xs.len()];
-        gelu_tanh(&xs, &mut y);
-        let g: Vec<f32> = (0..xs.len()).map(|i| 1.0 + (i % 3) as f32).collect();
-        let mut dx = vec![0.0; xs.len()];
-        gelu_tanh_backward(&xs, &g, &mut dx);
-        let mut in_place = xs.clone();
-        gelu_tanh_in_place(&mut in_place);
-        assert_eq!(in_place, y);
         let c = (2.0 / std::f64::consts::PI).sqrt();
-        for i in 0..xs.len() {
-            let x = xs[i] as f64;
-            let u = c * (x + 0.044715 * x * x * x);
-            let expected = 0.5 * x * (1.0 + u.tanh());
-            assert!((y[i] as f64 - expected).abs() <= 1e-6 * (1.0 + expected.abs()), "gelu({x}) = {}", y[i]);
-            let sech2 = 1.0 - u.tanh() * u.tanh();
-            let grad = 0.5 * (1.0 + u.tanh()) + 0.5 * x * sech2 * c * (1.0 + 3.0 * 0.044715 * x * x);
-            let expected = g[i] as f64 * grad;
-            assert!((dx[i] as f64 - expected).abs() <= 2e-6 * (1.0 + expected.abs()), "gelu'({x}) = {}", dx[i]);
-        }
+        let u = move |x: f64| c * (x + 0.044715 * x * x * x);
+        check_pointwise(
+            "gelu_tanh",
+            (gelu_tanh, gelu_tanh_in_place, gelu_tanh_backward),
+            &xs,
+            |x| 0.5 * x * (1.0 + u(x).tanh()),
+            |x| {
+                let t = u(x).tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+            },
+        );
     }
 
     #[test]
@@ -391,21 +410,14 @@ mod tests {
     #[test]
     fn silu_and_its_gradient_match_the_definition() {
         let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 200.0).collect(); // [-20, 20]
-        let mut y = vec![0.0; xs.len()];
-        silu(&xs, &mut y);
-        let g: Vec<f32> = (0..xs.len()).map(|i| 0.5 + (i % 5) as f32).collect();
-        let mut dx = vec![0.0; xs.len()];
-        silu_backward(&xs, &g, &mut dx);
-        let mut in_place = xs.clone();
-        silu_in_place(&mut in_place);
-        assert_eq!(in_place, y);
-        for i in 0..xs.len() {
-            let x = xs[i] as f64;
-            let s = 1.0 / (1.0 + (-x).exp());
-            assert!((y[i] as f64 - x * s).abs() <= 1e-6 * (1.0 + (x * s).abs()), "silu({x}) = {}", y[i]);
-            let expected = g[i] as f64 * s * (1.0 + x * (1.0 - s));
-            assert!((dx[i] as f64 - expected).abs() <= 2e-6 * (1.0 + expected.abs()), "silu'({x}) = {}", dx[i]);
-        }
+        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+        check_pointwise(
+            "silu",
+            (silu, silu_in_place, silu_backward),
+            &xs,
+            |x| x * sigmoid(x),
+            |x| sigmoid(x) * (1.0 + x * (1.0 - sigmoid(x))),
+        );
     }
 
     #[test]

@@ -205,7 +205,8 @@ impl<B: Backend> DiffMoeLayer<B> {
         let thresholds = self.expert_threshold.val().add_scalar(offset).unsqueeze_dim::<2>(0); // [1, E]
         let above = activation::sigmoid(logits.clone()).greater(thresholds).transpose(); // [E, S]
         let counts = above.clone().int().sum_dim(1).reshape([n_experts]); // [E]
-                                                                          // The one host synchronisation of the layer.
+
+        // The one host synchronisation of the layer: the slots of the expert batch.
         let k_max = counts.clone().max().into_scalar().elem::<i64>().max(0) as usize;
         let (y, mut stats) = if k_max == 0 {
             let d_model = pool.x.dims()[1];

@@ -73,6 +73,42 @@ pub(crate) fn adamw_in_place(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f
         });
 }
 
+/// The updated `[param, exp_avg, exp_avg_sq]`: in one in-place pass on the
+/// CPU backend ([`fused_adamw`]), with tensor ops elsewhere
+/// ([`tensor_update`]); the same bits either way.
+///
+/// # Shapes
+/// - all four: `[numel]`
+pub(crate) fn adamw_update<B: Backend>(
+    param: Tensor<B, 1>,
+    grad: Tensor<B, 1>,
+    exp_avg: Tensor<B, 1>,
+    exp_avg_sq: Tensor<B, 1>,
+    step: &AdamWStep,
+) -> [Tensor<B, 1>; 3] {
+    fused_adamw(param, grad, exp_avg, exp_avg_sq, step)
+        .unwrap_or_else(|[param, grad, exp_avg, exp_avg_sq]| tensor_update(param, grad, exp_avg, exp_avg_sq, step))
+}
+
+/// The update as tensor ops, for any backend.
+fn tensor_update<B: Backend>(
+    param: Tensor<B, 1>,
+    grad: Tensor<B, 1>,
+    exp_avg: Tensor<B, 1>,
+    exp_avg_sq: Tensor<B, 1>,
+    step: &AdamWStep,
+) -> [Tensor<B, 1>; 3] {
+    let param = match step.decay {
+        Some(decay) => param.mul_scalar(decay),
+        None => param,
+    };
+    let exp_avg = exp_avg.clone() + (grad.clone() - exp_avg).mul_scalar(step.one_minus_beta1);
+    let exp_avg_sq = exp_avg_sq.mul_scalar(step.beta2) + (grad.clone() * grad).mul_scalar(step.one_minus_beta2);
+    let denom = exp_avg_sq.clone().sqrt().div_scalar(step.bias_correction2_sqrt).add_scalar(step.epsilon);
+    let param = param - (exp_avg.clone() / denom).mul_scalar(step.step_size);
+    [param, exp_avg, exp_avg_sq]
+}
+
 /// The updated `(param, exp_avg, exp_avg_sq)` computed in place when `B` is
 /// the CPU backend and all four tensors hold f32; the inputs back otherwise.
 ///
@@ -106,25 +142,6 @@ mod tests {
     use burn::backend::Flex;
     use burn::tensor::Distribution;
 
-    /// The tensor-op formula of `AdamW`, for comparison.
-    fn reference(
-        p: Tensor<Flex, 1>,
-        g: Tensor<Flex, 1>,
-        m: Tensor<Flex, 1>,
-        v: Tensor<Flex, 1>,
-        s: &AdamWStep,
-    ) -> [Vec<f32>; 3] {
-        let p = match s.decay {
-            Some(d) => p.mul_scalar(d),
-            None => p,
-        };
-        let m = m.clone() + (g.clone() - m).mul_scalar(s.one_minus_beta1);
-        let v = v.mul_scalar(s.beta2) + (g.clone() * g).mul_scalar(s.one_minus_beta2);
-        let denom = v.clone().sqrt().div_scalar(s.bias_correction2_sqrt).add_scalar(s.epsilon);
-        let p = p - (m.clone() / denom).mul_scalar(s.step_size);
-        [p, m, v].map(|t| t.into_data().to_vec().unwrap())
-    }
-
     #[test]
     fn equals_the_tensor_formula_bit_for_bit() {
         let device = Default::default();
@@ -142,7 +159,8 @@ mod tests {
                 epsilon: 1e-8,
                 step_size: 1e-3 / (1.0 - 0.9f64.powi(3)),
             };
-            let expected = reference(p.clone(), g.clone(), m.clone(), v.clone(), &step);
+            let expected = tensor_update(p.clone(), g.clone(), m.clone(), v.clone(), &step)
+                .map(|t| t.into_data().to_vec::<f32>().unwrap());
             let kept = p.clone(); // shared: must not be written through
             let got = fused_adamw(p.clone(), g.clone(), m.clone(), v.clone(), &step).unwrap_or_else(|_| panic!("Flex"));
             let got = got.map(|t| t.into_data().to_vec::<f32>().unwrap());

@@ -21,7 +21,7 @@ use burn::tensor::{backend::AutodiffBackend, backend::Backend, Tensor, TensorDat
 
 use diffmoe_model::{DiT, OptimizerConfig};
 
-use crate::adamw_kernel::{fused_adamw, AdamWStep};
+use crate::adamw_kernel::{adamw_update, AdamWStep};
 use crate::gradient_buffer::GradientBuffer;
 use crate::param_path::{map_named, NamedMapper};
 
@@ -83,20 +83,7 @@ impl<B: AutodiffBackend> NamedMapper<B> for Update<'_, B> {
             epsilon: c.epsilon,
             step_size: self.lr / (1.0 - beta1.powi(t)),
         };
-        let (p, exp_avg, exp_avg_sq) = match fused_adamw(p, grad, state.exp_avg, state.exp_avg_sq, &step) {
-            Ok([p, exp_avg, exp_avg_sq]) => (p, exp_avg, exp_avg_sq),
-            Err([p, grad, exp_avg, exp_avg_sq]) => {
-                let p = match step.decay {
-                    Some(decay) => p.mul_scalar(decay),
-                    None => p,
-                };
-                let exp_avg = exp_avg.clone() + (grad.clone() - exp_avg).mul_scalar(step.one_minus_beta1);
-                let exp_avg_sq = exp_avg_sq.mul_scalar(beta2) + (grad.clone() * grad).mul_scalar(step.one_minus_beta2);
-                let denom = exp_avg_sq.clone().sqrt().div_scalar(step.bias_correction2_sqrt).add_scalar(c.epsilon);
-                let p = p - (exp_avg.clone() / denom).mul_scalar(step.step_size);
-                (p, exp_avg, exp_avg_sq)
-            }
-        };
+        let [p, exp_avg, exp_avg_sq] = adamw_update(p, grad, state.exp_avg, state.exp_avg_sq, &step);
         self.moments.insert(key, Moments { exp_avg, exp_avg_sq });
         let mut updated = Tensor::<B, D>::from_inner(p.reshape(dims));
         if require_grad {
