@@ -7,6 +7,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::activation::silu;
 use crate::init;
+use crate::matmul::linear;
 
 /// Tokens per expert of expert-choice routing over `tokens` tokens:
 /// `int((tokens / n_experts) * capacity)`, with the official float division,
@@ -37,7 +38,7 @@ impl<B: Backend> CapacityPredictor<B> {
     /// # Shapes
     /// - `x`: `[S, d_model]` -> `[S, n_experts]` logits
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.fc2.forward(silu(self.fc1.forward(x.detach())))
+        linear(silu(linear(x.detach(), &self.fc1)), &self.fc2)
     }
 }
 

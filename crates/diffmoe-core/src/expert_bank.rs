@@ -8,6 +8,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::activation::{gelu_tanh, silu};
 use crate::broadcast::broadcast_middle;
 use crate::init;
+use crate::matmul::matmul;
 
 /// Which feed-forward network each expert (and each dense MLP) is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -104,14 +105,14 @@ impl<B: Backend> ExpertBank<B> {
         match self {
             Self::Gelu(e) => {
                 let k = x.dims()[1];
-                let h = x.matmul(e.fc1_weight.val()) + broadcast_middle(e.fc1_bias.val(), k); // [E, K, H]
-                gelu_tanh(h).matmul(e.fc2_weight.val()) + broadcast_middle(e.fc2_bias.val(), k)
+                let h = matmul(x, e.fc1_weight.val()) + broadcast_middle(e.fc1_bias.val(), k); // [E, K, H]
+                matmul(gelu_tanh(h), e.fc2_weight.val()) + broadcast_middle(e.fc2_bias.val(), k)
                 // [E, K, D]
             }
             Self::SwiGlu(e) => {
-                let gate = silu(x.clone().matmul(e.gate_proj.val())); // [E, K, H]
-                let up = x.matmul(e.up_proj.val()); // [E, K, H]
-                (gate * up).matmul(e.down_proj.val()) // [E, K, D]
+                let gate = silu(matmul(x.clone(), e.gate_proj.val())); // [E, K, H]
+                let up = matmul(x, e.up_proj.val()); // [E, K, H]
+                matmul(gate * up, e.down_proj.val()) // [E, K, D]
             }
         }
     }

@@ -10,8 +10,10 @@ use crate::activation::softmax_last;
 use crate::capacity::capacity_k;
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::init;
+use crate::matmul::matmul;
 use crate::mlp::SwiGluMlp;
 use crate::routing::RoutingStats;
+use crate::rows::on_rows;
 use crate::token_pool::TokenPool;
 use crate::topk::topk_last;
 
@@ -79,7 +81,7 @@ impl<B: Backend> ExpertChoiceLayer<B> {
         let k = capacity_k(tokens, n_experts, self.capacity);
         assert!(k >= 1 && k <= tokens, "EC capacity {} gives k = {k} for {tokens} tokens", self.capacity);
         let scores =
-            softmax_last(x.clone().matmul(self.gate_weight.val().transpose().unsqueeze_dim(0))).swap_dims(1, 2); // [N, E, T]
+            softmax_last(on_rows(x.clone(), |x| matmul(x, self.gate_weight.val().transpose()))).swap_dims(1, 2); // [N, E, T]
         let (_, local) = topk_last(scores.clone(), k); // [N, E, k]
         let weights = scores.gather(2, local.clone()); // [N, E, k]
                                                        // Sample-local token indices to pool rows: s = n * tokens + t.

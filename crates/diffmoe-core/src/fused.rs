@@ -22,7 +22,7 @@ use burn_flex::{Flex, FlexTensor, Layout};
 use crate::cpu_kernels;
 
 /// `t` as a `U` when `T` and `U` are the same type, `t` back otherwise.
-fn same_type<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+pub(crate) fn same_type<T: 'static, U: 'static>(t: T) -> Result<U, T> {
     let mut slot = Some(t);
     match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
         Some(u) => Ok(u.take().expect("filled above")),

@@ -10,6 +10,7 @@ use crate::activation::softmax_last;
 use crate::capacity::{capacity_k, CapacityPredictor};
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::init;
+use crate::matmul::matmul;
 use crate::mlp::Mlp;
 use crate::routing::{Routing, RoutingStats};
 use crate::threshold::{ema_update, threshold_quantile, ThresholdSync, THRESHOLD_EMA_DECAY};
@@ -144,7 +145,7 @@ impl<B: Backend> DiffMoeLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, routing: Routing) -> (Tensor<B, 3>, RoutingStats<B>) {
         let pool = TokenPool::new(x.clone());
         let logits = self.capacity_predictor.forward(pool.x.clone()); // [S, E]
-        let scores = softmax_last(pool.x.clone().matmul(self.gate_weight.val().transpose())).transpose(); // [E, S]
+        let scores = softmax_last(matmul(pool.x.clone(), self.gate_weight.val().transpose())).transpose(); // [E, S]
         let (y, stats) = match routing {
             Routing::Train | Routing::Static => self.route_top_k(&pool, scores, logits),
             Routing::Dynamic { threshold_offset } => {

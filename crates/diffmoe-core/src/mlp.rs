@@ -7,6 +7,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::activation::{gelu_tanh, silu};
 use crate::init;
+use crate::matmul::linear;
 use crate::rows::on_rows;
 
 /// `fc2(gelu_tanh(fc1(x)))`, timm's `Mlp` with biases (official `Mlp`).
@@ -27,7 +28,7 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[..., d_model]` -> `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        on_rows(x, |x| self.fc2.forward(gelu_tanh(self.fc1.forward(x))))
+        on_rows(x, |x| linear(gelu_tanh(linear(x, &self.fc1)), &self.fc2))
     }
 }
 
@@ -61,8 +62,8 @@ impl<B: Backend> SwiGluMlp<B> {
     /// - `x`: `[..., d_model]` -> `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         on_rows(x, |x| {
-            let gate = silu(self.gate_proj.forward(x.clone()));
-            self.down_proj.forward(gate * self.up_proj.forward(x))
+            let gate = silu(linear(x.clone(), &self.gate_proj));
+            linear(gate * linear(x, &self.up_proj), &self.down_proj)
         })
     }
 }

@@ -9,6 +9,7 @@ use burn::tensor::{backend::Backend, Distribution, ElementConversion, IndexingUp
 
 use crate::activation::softmax_last;
 use crate::expert_bank::{ExpertBank, ExpertKind};
+use crate::matmul::matmul;
 use crate::mlp::SwiGluMlp;
 use crate::routing::{Routing, RoutingStats};
 use crate::token_pool::TokenPool;
@@ -89,7 +90,7 @@ impl<B: Backend> TokenChoiceLayer<B> {
         let n_experts = self.n_experts();
         let s = pool.len();
         let device = pool.x.device();
-        let scores = softmax_last(pool.x.clone().matmul(self.gate.val().transpose())); // [S, E]
+        let scores = softmax_last(matmul(pool.x.clone(), self.gate.val().transpose())); // [S, E]
         let (_, choice) = topk_last(scores.clone(), self.top_k); // [S, k]
         let assigned = Tensor::<B, 2>::zeros([s, n_experts], &device).scatter(
             1,

@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 
-use diffmoe_core::{init, on_rows, softmax_last};
+use diffmoe_core::{init, linear, matmul, on_rows, softmax_last};
 
 /// Self-attention.
 #[derive(Module, Debug)]
@@ -45,7 +45,7 @@ impl<B: Backend> Attention<B> {
         let weight = self.qkv.weight.val(); // [d, 3 * h * hd], columns (q|k|v, head, hd)
         let bias = self.qkv.bias.as_ref().map(|b| b.val());
         let column = |i: usize| {
-            let y = rows.clone().matmul(weight.clone().narrow(1, i * hd, hd));
+            let y = matmul(rows.clone(), weight.clone().narrow(1, i * hd, hd));
             let y = match &bias {
                 Some(b) => y + b.clone().narrow(0, i * hd, hd).unsqueeze(),
                 None => y,
@@ -57,10 +57,10 @@ impl<B: Backend> Attention<B> {
         let scale = (hd as f64).powf(-0.5);
         // Scaling q rather than the scores: one pass over [N, H, T, hd]
         // instead of one over [N, H, T, T].
-        let weights = softmax_last(q.mul_scalar(scale).matmul(k.swap_dims(2, 3))); // [N, H, T, T]
-        let out = weights.matmul(v); // [N, H, T, hd]
-                                     // Heads side by side, [N, T, H * hd], as whole rows of hd.
+        let weights = softmax_last(matmul(q.mul_scalar(scale), k.swap_dims(2, 3))); // [N, H, T, T]
+        let out = matmul(weights, v); // [N, H, T, hd]
+                                      // Heads side by side, [N, T, H * hd], as whole rows of hd.
         let out = Tensor::cat((0..h).map(|j| out.clone().narrow(1, j, 1).reshape([n, t, hd])).collect(), 2);
-        on_rows(out, |out| self.proj.forward(out))
+        on_rows(out, |out| linear(out, &self.proj))
     }
 }

@@ -6,7 +6,7 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 
 use diffmoe_core::{
-    broadcast_middle, on_rows, silu, DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats,
+    broadcast_middle, linear, on_rows, silu, DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats,
     TokenChoiceLayer,
 };
 
@@ -86,7 +86,7 @@ impl<B: Backend> DiTBlock<B> {
         c: Tensor<B, 2>,
         routing: Routing,
     ) -> (Tensor<B, 3>, Option<RoutingStats<B>>) {
-        let mut m = self.adaln_modulation.forward(silu(c)).chunk(6, 1).into_iter();
+        let mut m = linear(silu(c), &self.adaln_modulation).chunk(6, 1).into_iter();
         let mut next = || m.next().expect("six modulation chunks");
         let (shift_msa, scale_msa, gate_msa) = (next(), next(), next());
         let (shift_mlp, scale_mlp, gate_mlp) = (next(), next(), next());
@@ -112,9 +112,9 @@ impl<B: Backend> FinalLayer<B> {
     /// # Shapes
     /// - `x`: `[batch, tokens, d_model]`, `c`: `[batch, d_model]` -> `[batch, tokens, p * p * out_channels]`
     pub fn forward(&self, x: Tensor<B, 3>, c: Tensor<B, 2>) -> Tensor<B, 3> {
-        let mut m = self.adaln_modulation.forward(silu(c)).chunk(2, 1).into_iter();
+        let mut m = linear(silu(c), &self.adaln_modulation).chunk(2, 1).into_iter();
         let shift = m.next().expect("two modulation chunks");
         let scale = m.next().expect("two modulation chunks");
-        on_rows(modulate(layer_norm(x), shift, scale), |x| self.linear.forward(x))
+        on_rows(modulate(layer_norm(x), shift, scale), |x| linear(x, &self.linear))
     }
 }

@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use diffmoe_core::{init, silu};
+use diffmoe_core::{init, linear, matmul, on_rows, silu};
 
 /// Size of the sinusoidal timestep features fed to the timestep MLP.
 pub const FREQUENCY_EMBEDDING_SIZE: usize = 256;
@@ -55,7 +55,7 @@ impl<B: Backend> PatchEmbed<B> {
             .permute([0, 2, 4, 1, 3, 5]) // [N, gh, gw, C, p, p]
             .reshape([n, gh * gw, c * p * p]);
         let weight = self.proj_weight.val().reshape([d_model, c * p * p]).transpose(); // [C*p*p, D]
-        patches.matmul(weight.unsqueeze_dim(0)) + self.proj_bias.val().reshape([1, 1, d_model])
+        on_rows(patches, |p| matmul(p, weight)) + self.proj_bias.val().reshape([1, 1, d_model])
     }
 }
 
@@ -130,7 +130,7 @@ impl<B: Backend> TimestepEmbedder<B> {
     /// - `t`: `[batch]` -> `[batch, d_model]`
     pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
         let features = timestep_embedding(t, FREQUENCY_EMBEDDING_SIZE);
-        self.fc2.forward(silu(self.fc1.forward(features)))
+        linear(silu(linear(features, &self.fc1)), &self.fc2)
     }
 }
 

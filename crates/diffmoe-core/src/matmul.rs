@@ -1,0 +1,314 @@
+//! Matrix products, and linear layers, on the CPU backend without burn-flex's
+//! output copy.
+//!
+//! burn-flex 0.21 allocates a product's output as a zeroed byte vector and
+//! then copies it into a 16-byte-aligned buffer (`Bytes::from_bytes_vec`):
+//! two extra passes over every output, and for the experts' weight gradients
+//! (`n_experts x d_model x hidden`, 38 MB per matrix at DiffMoE-S-E16) fresh
+//! pages on every step. Here the same `gemm` kernels write straight into an
+//! f32 buffer that burn takes over as it is; the backward step registers
+//! products of the same kind. Any other backend, float type or shape takes
+//! burn's `matmul`.
+
+use core::any::TypeId;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{binary, Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::nn::Linear;
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor, Layout};
+use rayon::prelude::*;
+
+use crate::fused::{from_flex, same_type};
+
+/// Products of at least this many multiply-adds split one matrix across
+/// threads (burn-flex's threshold).
+const PARALLEL_MATRIX: usize = 192 * 192 * 192;
+/// Batches of at least this many multiply-adds in all run their matrices on
+/// separate threads (burn-flex's threshold).
+const PARALLEL_BATCH: usize = 128 * 128 * 128;
+
+/// `lhs @ rhs`, as [`Tensor::matmul`]; written by `gemm` straight into its
+/// output on the CPU backend when both operands have the same batch axes
+/// (no broadcasting), by burn's `matmul` otherwise.
+///
+/// # Shapes
+/// - `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` -> `[..., m, n]`
+pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    let (ld, rd) = (lhs.dims(), rhs.dims());
+    let fits = D >= 2
+        && ld[..D - 2] == rd[..D - 2]
+        && ld[D - 1] == rd[D - 2]
+        && lhs.dtype() == DType::F32
+        && rhs.dtype() == DType::F32;
+    let backend = TypeId::of::<B>();
+    if fits && backend == TypeId::of::<Flex>() {
+        let (lhs, rhs): (Tensor<Flex, D>, Tensor<Flex, D>) = (cast(lhs), cast(rhs));
+        let y = flex_matmul(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+        return from_flex(y);
+    }
+    if fits && backend == TypeId::of::<Autodiff<Flex>>() {
+        return cast(autodiff_matmul::<D>(cast(lhs), cast(rhs)));
+    }
+    lhs.matmul(rhs)
+}
+
+/// `t` as `U`, when the caller has checked that `T` is `U`.
+fn cast<T: 'static, U: 'static>(t: T) -> U {
+    same_type(t).unwrap_or_else(|_| unreachable!("the types were compared"))
+}
+
+/// `x @ weight + bias` of a burn [`Linear`] layer, its products by
+/// [`matmul`] on the CPU backend (the layer's own forward elsewhere).
+///
+/// # Shapes
+/// - `x`: `[rows, d_input]` -> `[rows, d_output]`
+pub fn linear<B: Backend>(x: Tensor<B, 2>, layer: &Linear<B>) -> Tensor<B, 2> {
+    if !is_cpu::<B>() {
+        return layer.forward(x);
+    }
+    let y = matmul(x, layer.weight.val());
+    match &layer.bias {
+        Some(bias) => y + bias.val().unsqueeze_dim(0),
+        None => y,
+    }
+}
+
+/// Whether `B` is `Flex` or `Autodiff<Flex>`.
+fn is_cpu<B: Backend>() -> bool {
+    let id = TypeId::of::<B>();
+    id == TypeId::of::<Flex>() || id == TypeId::of::<Autodiff<Flex>>()
+}
+
+/// A strided matrix operand: element `(r, c)` of batch item `b` at
+/// `offset + b * batch + r * row + c * col`.
+#[derive(Debug, Clone, Copy)]
+struct Operand {
+    offset: isize,
+    batch: isize,
+    row: isize,
+    col: isize,
+}
+
+impl Operand {
+    /// The operand's strides, when its batch axes (all but the last two)
+    /// step through memory as one axis.
+    fn of(t: &FlexTensor) -> Option<Self> {
+        let layout = t.layout();
+        let (shape, s) = (layout.shape(), layout.strides());
+        let d = s.len();
+        let axes: Vec<usize> = (0..d - 2).filter(|&i| shape[i] > 1).collect();
+        let collapsible = axes.windows(2).all(|w| s[w[0]] == s[w[1]] * shape[w[1]] as isize);
+        let batch = axes.last().map_or(0, |&i| s[i]);
+        collapsible.then(|| Self { offset: layout.start_offset() as isize, batch, row: s[d - 2], col: s[d - 1] })
+    }
+}
+
+/// Raw output pointer shared by the batch's threads, each writing its own
+/// matrix.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every thread writes a disjoint matrix of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element `offset` past the start.
+    ///
+    /// # Safety
+    /// `offset` lies within the output's allocation.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `lhs @ rhs` on f32 CPU tensors with the same batch axes, read through
+/// their strides (transposed views are not copied); burn-flex's product when
+/// a batch layout does not step as one axis.
+///
+/// # Shapes
+/// - `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` -> `[..., m, n]`
+pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+    let (ls, rs) = (lhs.layout().shape().clone(), rhs.layout().shape().clone());
+    let d = ls.num_dims();
+    let (m, k, n) = (ls[d - 2], ls[d - 1], rs[d - 1]);
+    assert!(
+        d >= 2 && rs.num_dims() == d && rs[d - 2] == k && (0..d - 2).all(|i| ls[i] == rs[i]),
+        "flex_matmul: shapes {ls:?} @ {rs:?}"
+    );
+    let (Some(a), Some(b)) = (Operand::of(&lhs), Operand::of(&rhs)) else {
+        return <Flex as FloatTensorOps<Flex>>::float_matmul(lhs, rhs);
+    };
+    let batch: usize = (0..d - 2).map(|i| ls[i]).product();
+    let mut dims: Vec<usize> = ls.iter().copied().collect();
+    dims[d - 1] = n;
+    let len = batch * m * n;
+    let mut out = Vec::<f32>::with_capacity(len);
+    if k == 0 {
+        out.resize(len, 0.0);
+    } else if len > 0 {
+        let (a_data, b_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
+        let dst = OutPtr(out.as_mut_ptr());
+        // One matrix: gemm writes all `m x n` entries of `dst` (`read_dst`
+        // is false), so the buffer needs no initialisation.
+        let product = |i: usize, parallelism: gemm::Parallelism| {
+            let i_ = i as isize;
+            // SAFETY: the offsets address elements of the operands' buffers
+            // (their layouts describe views into them), and matrix `i` of the
+            // output lies within its capacity.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.at(i * m * n),
+                    1,
+                    n as isize,
+                    false,
+                    a_data.as_ptr().offset(a.offset + i_ * a.batch),
+                    a.col,
+                    a.row,
+                    b_data.as_ptr().offset(b.offset + i_ * b.batch),
+                    b.col,
+                    b.row,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            }
+        };
+        let per_matrix = m * n * k;
+        if batch >= 4 && batch * per_matrix >= PARALLEL_BATCH {
+            (0..batch).into_par_iter().for_each(|i| product(i, gemm::Parallelism::None));
+        } else {
+            let parallelism =
+                if per_matrix >= PARALLEL_MATRIX { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+            (0..batch).for_each(|i| product(i, parallelism));
+        }
+        // SAFETY: every element was written above.
+        unsafe { out.set_len(len) };
+    }
+    FlexTensor::new(burn::tensor::Bytes::from_elems(out), Layout::contiguous(Shape::from(dims)), DType::F32)
+}
+
+/// Backward step of a product: keeps the operand each gradient needs (the
+/// right one for the left's gradient and the other way round).
+#[derive(Debug)]
+struct MatmulBackward;
+
+impl Backward<Flex, 2> for MatmulBackward {
+    /// `(lhs, rhs)`, each kept when the other operand is tracked.
+    type State = (Option<FlexTensor>, Option<FlexTensor>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let (lhs, rhs) = ops.state;
+        let transposed = |t: FlexTensor| {
+            let d = t.layout().shape().num_dims();
+            t.transpose(d - 2, d - 1)
+        };
+        binary::<Flex, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            |g| flex_matmul(g, transposed(rhs.expect("kept for the left operand's gradient"))),
+            |g| flex_matmul(transposed(lhs.expect("kept for the right operand's gradient")), g),
+        );
+    }
+}
+
+fn autodiff_matmul<const D: usize>(
+    lhs: Tensor<Autodiff<Flex>, D>,
+    rhs: Tensor<Autodiff<Flex>, D>,
+) -> Tensor<Autodiff<Flex>, D> {
+    let (lhs, rhs) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+    let out = match MatmulBackward
+        .prepare::<NoCheckpointing>([lhs.node.clone(), rhs.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = flex_matmul(lhs.primitive.clone(), rhs.primitive.clone());
+            prep.finish((rhs_tracked.then_some(lhs.primitive), lhs_tracked.then_some(rhs.primitive)), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(flex_matmul(lhs.primitive, rhs.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, Tolerance};
+
+    type Ad = Autodiff<Flex>;
+
+    fn rand<B: Backend, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    /// Output and both gradients of `op(lhs, rhs)` weighted by `w`, on
+    /// transposed views of `lhs` and `rhs` (the layouts of backward passes).
+    #[allow(clippy::type_complexity)]
+    fn run<const D: usize>(
+        op: &dyn Fn(Tensor<Ad, D>, Tensor<Ad, D>) -> Tensor<Ad, D>,
+        lhs_t: &Tensor<Ad, D>,
+        rhs: &Tensor<Ad, D>,
+        w: &Tensor<Ad, D>,
+    ) -> [Tensor<Flex, D>; 3] {
+        let y = op(lhs_t.clone().swap_dims(D - 2, D - 1), rhs.clone());
+        let grads = (y.clone() * w.clone()).sum().backward();
+        [y.inner(), lhs_t.grad(&grads).expect("lhs tracked"), rhs.grad(&grads).expect("rhs tracked")]
+    }
+
+    fn equals_burn<const D: usize>(lhs_t: [usize; D], rhs: [usize; D], out: [usize; D]) {
+        let (lhs_t, rhs) = (rand::<Ad, D>(lhs_t).require_grad(), rand::<Ad, D>(rhs).require_grad());
+        let w = rand::<Ad, D>(out);
+        let ours = run(&|a, b| matmul(a, b), &lhs_t, &rhs, &w);
+        let burns = run(&|a, b| a.matmul(b), &lhs_t, &rhs, &w);
+        for (a, b) in ours.into_iter().zip(burns) {
+            a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-4));
+        }
+    }
+
+    #[test]
+    fn products_and_gradients_equal_burns() {
+        equals_burn([7, 5], [7, 300], [5, 300]); // one matrix
+        equals_burn([200, 230], [200, 210], [230, 210]); // large enough to split across threads
+        equals_burn([3, 7, 5], [3, 7, 9], [3, 5, 9]); // a small batch
+        equals_burn([6, 128, 48], [6, 128, 80], [6, 48, 80]); // batch items on separate threads
+        equals_burn([2, 3, 16, 8], [2, 3, 16, 8], [2, 3, 8, 8]); // two batch axes, as attention's
+    }
+
+    #[test]
+    fn empty_and_unsupported_shapes() {
+        let zero_k = matmul(rand::<Flex, 2>([3, 0]), rand::<Flex, 2>([0, 4]));
+        zero_k.into_data().assert_eq(&Tensor::<Flex, 2>::zeros([3, 4], &Default::default()).into_data(), true);
+        assert_eq!(matmul(rand::<Flex, 3>([2, 0, 3]), rand::<Flex, 3>([2, 3, 4])).dims(), [2, 0, 4]);
+        // Batch axes that do not step as one take burn-flex's product.
+        let (a, b) = (rand::<Flex, 4>([3, 2, 4, 5]).swap_dims(0, 1), rand::<Flex, 4>([2, 3, 5, 6]));
+        matmul(a.clone(), b.clone()).into_data().assert_eq(&a.matmul(b).into_data(), true);
+        // A broadcast batch takes burn's matmul.
+        let (a, b) = (rand::<Flex, 3>([1, 2, 3]), rand::<Flex, 3>([4, 3, 5]));
+        matmul(a.clone(), b.clone()).into_data().assert_eq(&a.matmul(b).into_data(), true);
+    }
+
+    #[test]
+    fn linear_equals_the_layer() {
+        let device = Default::default();
+        for bias in [true, false] {
+            let layer = burn::nn::LinearConfig::new(6, 4).with_bias(bias).init::<Ad>(&device);
+            let x = rand::<Ad, 2>([5, 6]);
+            linear(x.clone(), &layer)
+                .into_data()
+                .assert_approx_eq::<f32>(&layer.forward(x).into_data(), Tolerance::absolute(1e-6));
+        }
+    }
+}
