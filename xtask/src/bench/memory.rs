@@ -1,10 +1,13 @@
 //! Peak heap memory of a case's timed iterations, for the CPU backend.
 //!
 //! The xtask binary allocates through [`CountingAllocator`], which counts
-//! the bytes alive; the bench resets the peak to the current count before a
-//! case's timed iterations and reads it after. Every tensor buffer of the
-//! CPU backend is a heap allocation, so this is the memory the case holds at
-//! its worst, the model and its inputs included. (The resident high-water
+//! the bytes alive. The bench counts what a preset's cases hold between
+//! iterations (the bytes their construction and warm-up left alive: model,
+//! inputs, optimizer state) and adds the most bytes any one timed iteration
+//! allocated on top of what was alive when it started. Every tensor buffer
+//! of the CPU backend is a heap allocation, so this is the memory the case
+//! holds at its worst, the model and its inputs included, whatever other
+//! presets' cases are alive beside it. (The resident high-water
 //! mark cannot serve: the allocator keeps freed memory mapped for reuse, so
 //! resident size only grows over the run.) GPU memory is not counted.
 
@@ -58,6 +61,11 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for CountingAllocator<A> {
 /// Starts a new peak at the bytes alive now.
 pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// The bytes alive now.
+pub fn live_bytes() -> u64 {
+    LIVE.load(Ordering::Relaxed) as u64
 }
 
 /// The most bytes alive at once since [`reset_peak`].

@@ -89,7 +89,8 @@ pub struct Row {
     pub tokens_per_s: f64,
     /// Images per second.
     pub images_per_s: f64,
-    /// Peak resident memory of the process during the case (CPU only).
+    /// Heap bytes the case holds at its worst: what its preset holds between
+    /// iterations plus the most one iteration allocates (CPU only; `memory.rs`).
     pub peak_memory_bytes: Option<u64>,
     /// Model FLOPs of one iteration (see `flops.rs`).
     pub flops: f64,
@@ -148,62 +149,76 @@ pub fn run<B: AutodiffBackend>(args: &BenchArgs, device: &B::Device) -> Result<R
     let device_name = B::name(device);
     eprintln!("{device_name}: f32 matmul {size}^3 at {:.1} GFLOP/s", peak / 1e9);
 
+    let cpu = device_name.contains("flex");
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"));
     let mut rows = Vec::new();
-    for run in &runs {
-        for &workload in &args.workload {
+    for &workload in &args.workload {
+        // Every preset's cases of this workload, warmed up, then timed in
+        // turns (one iteration of each per round), so that drifts of the
+        // machine's speed fall on all of them alike.
+        let mut timed = Vec::new();
+        for run in &runs {
+            let before = memory::live_bytes();
+            let mut group = Vec::new();
             for mut case in cases::<B>(workload, run, args.batch, args.sample_steps, device) {
-                eprint!("{} {} {} ... ", run.name, workload.name(), case.variant);
+                eprintln!("{} {} {}: warming up", run.name, workload.name(), case.variant);
                 for _ in 0..args.warmup {
                     (case.run)();
                 }
-                B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
-                let cpu = device_name.contains("flex");
-                memory::reset_peak();
-                let mut times = Vec::with_capacity(args.repeat);
-                for _ in 0..args.repeat {
-                    let start = Instant::now();
-                    (case.run)();
-                    B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
-                    times.push(start.elapsed().as_secs_f64());
-                }
-                let peak_memory_bytes = cpu.then(memory::peak_bytes);
-                times.sort_by(f64::total_cmp);
-                let median = times[times.len() / 2];
-                let tokens = case.config.tokens();
-                let flops = case.layer_flops.unwrap_or_else(|| {
-                    case.passes
-                        * case.model_calls as f64
-                        * flops::forward_flops(&case.config, args.batch, case.expert_tokens)
-                });
-                let moe_blocks = match workload {
-                    Workload::MlpLayer => 1,
-                    _ => case.config.moe_blocks().len(),
-                };
-                let experts_per_token = case
-                    .expert_tokens
-                    .filter(|_| moe_blocks > 0)
-                    .map(|e| e / (args.batch * tokens * moe_blocks) as f64);
-                eprintln!("{median:.4} s");
-                rows.push(Row {
-                    preset: run.name.clone(),
-                    family: format!("{:?}", case.config.family).to_lowercase(),
-                    workload,
-                    variant: case.variant,
-                    batch: args.batch,
-                    tokens_per_image: tokens,
-                    repeat: args.repeat,
-                    median_s: median,
-                    min_s: times[0],
-                    max_s: times[times.len() - 1],
-                    tokens_per_s: (args.batch * tokens * case.model_calls) as f64 / median,
-                    images_per_s: args.batch as f64 / median,
-                    peak_memory_bytes,
-                    flops,
-                    mfu: flops / median / peak,
-                    experts_per_token,
-                    vs_dense: None,
-                });
+                sync()?;
+                group.push(case);
             }
+            // What the preset's cases hold between iterations.
+            let resident = memory::live_bytes().saturating_sub(before);
+            timed.extend(group.into_iter().map(|case| Timed { run, case, resident, times: Vec::new(), transient: 0 }));
+        }
+        for _ in 0..args.repeat {
+            for t in &mut timed {
+                let live = memory::live_bytes();
+                memory::reset_peak();
+                let start = Instant::now();
+                (t.case.run)();
+                sync()?;
+                t.times.push(start.elapsed().as_secs_f64());
+                t.transient = t.transient.max(memory::peak_bytes().saturating_sub(live));
+            }
+        }
+        for Timed { run, case, resident, mut times, transient } in timed {
+            let peak_memory_bytes = cpu.then_some(resident + transient);
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            eprintln!("{} {} {}: {median:.4} s", run.name, workload.name(), case.variant);
+            let tokens = case.config.tokens();
+            let flops = case.layer_flops.unwrap_or_else(|| {
+                case.passes
+                    * case.model_calls as f64
+                    * flops::forward_flops(&case.config, args.batch, case.expert_tokens)
+            });
+            let moe_blocks = match workload {
+                Workload::MlpLayer => 1,
+                _ => case.config.moe_blocks().len(),
+            };
+            let experts_per_token =
+                case.expert_tokens.filter(|_| moe_blocks > 0).map(|e| e / (args.batch * tokens * moe_blocks) as f64);
+            rows.push(Row {
+                preset: run.name.clone(),
+                family: format!("{:?}", case.config.family).to_lowercase(),
+                workload,
+                variant: case.variant,
+                batch: args.batch,
+                tokens_per_image: tokens,
+                repeat: args.repeat,
+                median_s: median,
+                min_s: times[0],
+                max_s: times[times.len() - 1],
+                tokens_per_s: (args.batch * tokens * case.model_calls) as f64 / median,
+                images_per_s: args.batch as f64 / median,
+                peak_memory_bytes,
+                flops,
+                mfu: flops / median / peak,
+                experts_per_token,
+                vs_dense: None,
+            });
         }
     }
     relate_to_dense(&mut rows, &runs);
@@ -215,6 +230,18 @@ pub fn run<B: AutodiffBackend>(args: &BenchArgs, device: &B::Device) -> Result<R
         command: std::env::args().collect::<Vec<_>>().join(" "),
         rows,
     })
+}
+
+/// A case being timed.
+struct Timed<'a> {
+    run: &'a RunConfig,
+    case: workload::Case,
+    /// Bytes the case's preset holds between iterations.
+    resident: u64,
+    /// Seconds of each timed iteration.
+    times: Vec<f64>,
+    /// The most bytes one iteration allocated beyond those alive at its start.
+    transient: u64,
 }
 
 /// Fills `vs_dense`: against the dense variant for `mlp-layer`, and against
