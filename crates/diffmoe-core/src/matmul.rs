@@ -153,21 +153,22 @@ pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
     } else if len > 0 {
         let (a_data, b_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
         let dst = OutPtr(out.as_mut_ptr());
-        // One matrix: gemm writes all `m x n` entries of `dst` (`read_dst`
-        // is false), so the buffer needs no initialisation.
-        let product = |i: usize, parallelism: gemm::Parallelism| {
+        // Matrix `i` of the product into `out`, element `(r, c)` at
+        // `r * out_row + c * out_col`: gemm writes all `m x n` entries
+        // (`read_dst` is false), so the buffer needs no initialisation.
+        let product = |out: *mut f32, out_row: isize, out_col: isize, i: usize, parallelism: gemm::Parallelism| {
             let i_ = i as isize;
             // SAFETY: the offsets address elements of the operands' buffers
-            // (their layouts describe views into them), and matrix `i` of the
-            // output lies within its capacity.
+            // (their layouts describe views into them), and the caller's
+            // `out` holds `m x n` elements at the given strides.
             unsafe {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    dst.at(i * m * n),
-                    1,
-                    n as isize,
+                    out,
+                    out_col,
+                    out_row,
                     false,
                     a_data.as_ptr().offset(a.offset + i_ * a.batch),
                     a.col,
@@ -184,18 +185,55 @@ pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
                 )
             }
         };
+        let row_major = |i: usize, parallelism| {
+            // SAFETY: matrix `i` of the output lies within its capacity.
+            product(unsafe { dst.at(i * m * n) }, n as isize, 1, i, parallelism)
+        };
         let per_matrix = m * n * k;
         if batch >= 4 && batch * per_matrix >= PARALLEL_BATCH {
-            (0..batch).into_par_iter().for_each(|i| product(i, gemm::Parallelism::None));
+            if b.row == 1 && k > m {
+                // A column-major right operand larger than the result (the
+                // weights of a batch of experts in their input gradient,
+                // `g @ w^T`): gemm reads it in place when the result is
+                // column-major, where for a row-major result it packs a copy
+                // of every matrix. Each matrix goes through a column-major
+                // scratch buffer and is transposed into place.
+                (0..batch).into_par_iter().for_each(|i| {
+                    let mut scratch = Vec::<f32>::with_capacity(m * n);
+                    product(scratch.as_mut_ptr(), 1, m as isize, i, gemm::Parallelism::None);
+                    // SAFETY: gemm wrote all `m x n` elements.
+                    unsafe { scratch.set_len(m * n) };
+                    // SAFETY: matrix `i` of the output lies within its capacity.
+                    let out = unsafe { core::slice::from_raw_parts_mut(dst.at(i * m * n), m * n) };
+                    transpose_into(&scratch, m, n, out);
+                });
+            } else {
+                (0..batch).into_par_iter().for_each(|i| row_major(i, gemm::Parallelism::None));
+            }
         } else {
             let parallelism =
                 if per_matrix >= PARALLEL_MATRIX { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-            (0..batch).for_each(|i| product(i, parallelism));
+            (0..batch).for_each(|i| row_major(i, parallelism));
         }
         // SAFETY: every element was written above.
         unsafe { out.set_len(len) };
     }
     FlexTensor::new(burn::tensor::Bytes::from_elems(out), Layout::contiguous(Shape::from(dims)), DType::F32)
+}
+
+/// `out` (row-major `rows x cols`) = the column-major `col_major`, in
+/// bands of rows so that each read is a short contiguous run.
+fn transpose_into(col_major: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const BAND: usize = 16;
+    for r0 in (0..rows).step_by(BAND) {
+        let r1 = (r0 + BAND).min(rows);
+        for c in 0..cols {
+            let column = &col_major[c * rows + r0..c * rows + r1];
+            for (r, &v) in (r0..r1).zip(column) {
+                out[r * cols + c] = v;
+            }
+        }
+    }
 }
 
 /// Backward step of a product: keeps the operand each gradient needs (the
@@ -283,7 +321,9 @@ mod tests {
         equals_burn([7, 5], [7, 300], [5, 300]); // one matrix
         equals_burn([200, 230], [200, 210], [230, 210]); // large enough to split across threads
         equals_burn([3, 7, 5], [3, 7, 9], [3, 5, 9]); // a small batch
-        equals_burn([6, 128, 48], [6, 128, 80], [6, 48, 80]); // batch items on separate threads
+                                                      // Batch items on separate threads; the left gradient, `g @ rhs^T`, has
+                                                      // a column-major right operand deeper than its rows (the transposing path).
+        equals_burn([6, 128, 48], [6, 128, 80], [6, 48, 80]);
         equals_burn([2, 3, 16, 8], [2, 3, 16, 8], [2, 3, 8, 8]); // two batch axes, as attention's
     }
 
