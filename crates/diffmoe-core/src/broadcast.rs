@@ -4,6 +4,8 @@
 
 use burn::tensor::{backend::Backend, Tensor};
 
+use crate::fused::is_cpu;
+
 /// `v` broadcast along a new middle axis of length `n`.
 ///
 /// On GPU backends this is a free stride-0 view. burn-flex runs a binary op
@@ -16,7 +18,7 @@ use burn::tensor::{backend::Backend, Tensor};
 ///   Flex, `[groups, 1, width]`, which broadcasts to it)
 pub fn broadcast_middle<B: Backend>(v: Tensor<B, 2>, n: usize) -> Tensor<B, 3> {
     let v = v.unsqueeze_dim::<3>(1);
-    if B::name(&v.device()).contains("flex") {
+    if is_cpu::<B>() {
         v.repeat_dim(1, n)
     } else {
         v

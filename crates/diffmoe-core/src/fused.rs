@@ -9,7 +9,7 @@
 //!
 //! The backend is recognised by type (`Any`), a no-op after monomorphisation.
 
-use core::any::Any;
+use core::any::{Any, TypeId};
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -28,6 +28,17 @@ pub(crate) fn same_type<T: 'static, U: 'static>(t: T) -> Result<U, T> {
         Some(u) => Ok(u.take().expect("filled above")),
         None => Err(slot.expect("untouched")),
     }
+}
+
+/// `t` as `U`, where the caller knows that `T` is `U`.
+pub(crate) fn cast<T: 'static, U: 'static>(t: T) -> U {
+    same_type(t).unwrap_or_else(|_| unreachable!("{} is {}", core::any::type_name::<T>(), core::any::type_name::<U>()))
+}
+
+/// Whether `B` is burn's CPU backend, `Flex` or `Autodiff<Flex>`.
+pub(crate) fn is_cpu<B: Backend>() -> bool {
+    let id = TypeId::of::<B>();
+    id == TypeId::of::<Flex>() || id == TypeId::of::<Autodiff<Flex>>()
 }
 
 /// The CPU backend's tensor behind `x` when `B` is `Flex` and `x` holds f32
@@ -118,7 +129,7 @@ fn on_cpu<B: Backend, const D: usize>(
         Err(x) => x,
     };
     match same_type::<_, Tensor<Autodiff<Flex>, D>>(x) {
-        Ok(x) => Ok(same_type(autodiff(x)).unwrap_or_else(|_| unreachable!("B is Autodiff<Flex>"))),
+        Ok(x) => Ok(cast(autodiff(x))),
         Err(x) => Err(x),
     }
 }

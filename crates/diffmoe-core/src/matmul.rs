@@ -23,7 +23,7 @@ use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor, Layout};
 use rayon::prelude::*;
 
-use crate::fused::{from_flex, same_type};
+use crate::fused::{cast, from_flex, is_cpu};
 
 /// Products of at least this many multiply-adds split one matrix across
 /// threads (burn-flex's threshold).
@@ -57,11 +57,6 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
     lhs.matmul(rhs)
 }
 
-/// `t` as `U`, when the caller has checked that `T` is `U`.
-fn cast<T: 'static, U: 'static>(t: T) -> U {
-    same_type(t).unwrap_or_else(|_| unreachable!("the types were compared"))
-}
-
 /// `x @ weight + bias` of a burn [`Linear`] layer, its products by
 /// [`matmul`] on the CPU backend (the layer's own forward elsewhere).
 ///
@@ -76,12 +71,6 @@ pub fn linear<B: Backend>(x: Tensor<B, 2>, layer: &Linear<B>) -> Tensor<B, 2> {
         Some(bias) => y + bias.val().unsqueeze_dim(0),
         None => y,
     }
-}
-
-/// Whether `B` is `Flex` or `Autodiff<Flex>`.
-fn is_cpu<B: Backend>() -> bool {
-    let id = TypeId::of::<B>();
-    id == TypeId::of::<Flex>() || id == TypeId::of::<Autodiff<Flex>>()
 }
 
 /// A strided matrix operand: element `(r, c)` of batch item `b` at
