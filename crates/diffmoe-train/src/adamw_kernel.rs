@@ -101,24 +101,14 @@ fn update_chunk_best(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: 
 /// ([`tensor_update`]); the same bits either way.
 ///
 /// # Shapes
-/// - all four: `[numel]`
-pub(crate) fn adamw_update<B: Backend>(
-    param: Tensor<B, 1>,
-    grad: Tensor<B, 1>,
-    exp_avg: Tensor<B, 1>,
-    exp_avg_sq: Tensor<B, 1>,
-    step: &AdamWStep,
-) -> [Tensor<B, 1>; 3] {
-    fused_adamw(param, grad, exp_avg, exp_avg_sq, step)
-        .unwrap_or_else(|[param, grad, exp_avg, exp_avg_sq]| tensor_update(param, grad, exp_avg, exp_avg_sq, step))
+/// - `[param, grad, exp_avg, exp_avg_sq]`: each `[numel]`
+pub(crate) fn adamw_update<B: Backend>(tensors: [Tensor<B, 1>; 4], step: &AdamWStep) -> [Tensor<B, 1>; 3] {
+    fused_adamw(tensors, step).unwrap_or_else(|tensors| tensor_update(tensors, step))
 }
 
 /// The update as tensor ops, for any backend.
 fn tensor_update<B: Backend>(
-    param: Tensor<B, 1>,
-    grad: Tensor<B, 1>,
-    exp_avg: Tensor<B, 1>,
-    exp_avg_sq: Tensor<B, 1>,
+    [param, grad, exp_avg, exp_avg_sq]: [Tensor<B, 1>; 4],
     step: &AdamWStep,
 ) -> [Tensor<B, 1>; 3] {
     let param = match step.decay {
@@ -136,13 +126,9 @@ fn tensor_update<B: Backend>(
 /// the CPU backend and all four tensors hold f32; the inputs back otherwise.
 ///
 /// # Shapes
-/// - all four: `[numel]`
-#[allow(clippy::type_complexity)]
+/// - `[param, grad, exp_avg, exp_avg_sq]`: each `[numel]`
 pub(crate) fn fused_adamw<B: Backend>(
-    param: Tensor<B, 1>,
-    grad: Tensor<B, 1>,
-    exp_avg: Tensor<B, 1>,
-    exp_avg_sq: Tensor<B, 1>,
+    [param, grad, exp_avg, exp_avg_sq]: [Tensor<B, 1>; 4],
     step: &AdamWStep,
 ) -> Result<[Tensor<B, 1>; 3], [Tensor<B, 1>; 4]> {
     let all_f32 = [&param, &grad, &exp_avg, &exp_avg_sq].iter().all(|t| t.dtype() == DType::F32);
@@ -182,10 +168,11 @@ mod tests {
                 epsilon: 1e-8,
                 step_size: 1e-3 / (1.0 - 0.9f64.powi(3)),
             };
-            let expected = tensor_update(p.clone(), g.clone(), m.clone(), v.clone(), &step)
+            let expected = tensor_update([p.clone(), g.clone(), m.clone(), v.clone()], &step)
                 .map(|t| t.into_data().to_vec::<f32>().unwrap());
             let kept = p.clone(); // shared: must not be written through
-            let got = fused_adamw(p.clone(), g.clone(), m.clone(), v.clone(), &step).unwrap_or_else(|_| panic!("Flex"));
+            let got =
+                fused_adamw([p.clone(), g.clone(), m.clone(), v.clone()], &step).unwrap_or_else(|_| panic!("Flex"));
             let got = got.map(|t| t.into_data().to_vec::<f32>().unwrap());
             assert_eq!(got, expected);
             assert_eq!(kept.into_data().to_vec::<f32>().unwrap(), p.clone().into_data().to_vec::<f32>().unwrap());

@@ -83,7 +83,7 @@ impl<B: AutodiffBackend> NamedMapper<B> for Update<'_, B> {
             epsilon: c.epsilon,
             step_size: self.lr / (1.0 - beta1.powi(t)),
         };
-        let [p, exp_avg, exp_avg_sq] = adamw_update(p, grad, state.exp_avg, state.exp_avg_sq, &step);
+        let [p, exp_avg, exp_avg_sq] = adamw_update([p, grad, state.exp_avg, state.exp_avg_sq], &step);
         self.moments.insert(key, Moments { exp_avg, exp_avg_sq });
         let mut updated = Tensor::<B, D>::from_inner(p.reshape(dims));
         if require_grad {
