@@ -15,7 +15,7 @@ use crate::mlp::SwiGluMlp;
 use crate::routing::RoutingStats;
 use crate::rows::on_rows;
 use crate::token_pool::TokenPool;
-use crate::topk::topk_last;
+use crate::topk::top_k_indices;
 
 /// Hyper-parameters of an EC layer.
 #[derive(Config, Debug)]
@@ -82,7 +82,7 @@ impl<B: Backend> ExpertChoiceLayer<B> {
         assert!(k >= 1 && k <= tokens, "EC capacity {} gives k = {k} for {tokens} tokens", self.capacity);
         let scores =
             softmax_last(on_rows(x.clone(), |x| matmul(x, self.gate_weight.val().transpose()))).swap_dims(1, 2); // [N, E, T]
-        let (_, local) = topk_last(scores.clone(), k); // [N, E, k]
+        let local = top_k_indices(scores.clone(), k); // [N, E, k]
         let weights = scores.gather(2, local.clone()); // [N, E, k]
                                                        // Sample-local token indices to pool rows: s = n * tokens + t.
         let offset = Tensor::<B, 1, Int>::arange(0..batch as i64, &device).mul_scalar(tokens as i64);

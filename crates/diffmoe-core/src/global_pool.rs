@@ -8,6 +8,7 @@ use burn::tensor::{activation, backend::Backend, ElementConversion, Int, Tensor}
 
 use crate::activation::softmax_last;
 use crate::capacity::{capacity_k, CapacityPredictor};
+use crate::counting_select::compact;
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::init;
 use crate::matmul::matmul;
@@ -15,7 +16,7 @@ use crate::mlp::Mlp;
 use crate::routing::{Routing, RoutingStats};
 use crate::threshold::{ema_update, threshold_quantile, ThresholdSync, THRESHOLD_EMA_DECAY};
 use crate::token_pool::TokenPool;
-use crate::topk::topk_last;
+use crate::topk::{top_counts_indices, top_k_indices};
 
 /// Hyper-parameters of a DiffMoE layer.
 #[derive(Config, Debug)]
@@ -172,7 +173,7 @@ impl<B: Backend> DiffMoeLayer<B> {
     ) -> (Tensor<B, 2>, RoutingStats<B>) {
         let k = capacity_k(pool.len(), self.n_experts(), self.capacity);
         assert!(k >= 1, "DiffMoE capacity {} gives k = 0 for a pool of {} tokens", self.capacity, pool.len());
-        let (_, indices) = topk_last(scores.clone(), k); // [E, k]
+        let indices = top_k_indices(scores.clone(), k); // [E, k]
         let weights = scores.gather(1, indices.clone()); // [E, k]
         let y = pool.dispatch(&self.experts, indices.clone(), weights.clone());
         let valid = Tensor::ones([self.n_experts(), k], &pool.x.device());
@@ -185,11 +186,10 @@ impl<B: Backend> DiffMoeLayer<B> {
 
     /// The threshold modes: expert `e` processes `k_e` tokens, the number
     /// whose predicted probability exceeds its threshold (plus `offset`).
-    /// Every expert ranks the pool by a key whose first `k_e` entries are its
-    /// tokens (the gate scores for the official rule; for per-token routing
-    /// the gate scores of the tokens above the threshold, -1 elsewhere, which
-    /// is below any softmax score), takes the top `max_e k_e` (padded to a
-    /// bucket, [`SlotPlan`]), and weights the slots past `k_e` by zero, so all
+    /// Every expert lays its tokens in its first `k_e` of `max_e k_e` slots
+    /// (padded to a bucket, [`SlotPlan`]): its top `k_e` by gate score for the
+    /// official rule, the tokens above its threshold for per-token routing.
+    /// The slots past `k_e` are weighted by zero, so all
     /// experts still run as batched matmuls: over chunks of the slot axis,
     /// so that the layer's memory stays that of about `S` expert rows however
     /// the tokens fall.
@@ -216,11 +216,10 @@ impl<B: Backend> DiffMoeLayer<B> {
             (Tensor::zeros([pool.len(), d_model], &device), pool.expert_choice_stats(none, zero.clone(), zero))
         } else {
             let plan = SlotPlan::new(pool.len(), n_experts, k_max);
-            let key = match selection {
-                Selection::TopByGate => scores.clone(),
-                Selection::AboveThreshold => scores.clone().mask_fill(above.bool_not(), -1.0),
-            }; // [E, S]
-            let (_, indices) = topk_last(key, plan.slots); // [E, slots]
+            let indices = match selection {
+                Selection::TopByGate => top_counts_indices(scores.clone(), counts.clone(), plan.slots),
+                Selection::AboveThreshold => compact(above, plan.slots),
+            }; // [E, slots]: expert e's tokens in its first k_e slots
             let slot = Tensor::<B, 1, Int>::arange(0..plan.slots as i64, &device).unsqueeze_dim::<2>(0); // [1, slots]
             let valid = slot.lower(counts.clone().unsqueeze_dim::<2>(1)).float(); // [E, slots]
             let weights = scores.gather(1, indices.clone()) * valid.clone(); // [E, slots]

@@ -4,7 +4,7 @@
 
 use burn::tensor::{activation, backend::Backend, Tensor};
 
-use crate::topk::topk_last;
+use crate::topk::kth_largest_rows;
 
 /// The official `ema_decay` buffer value.
 pub const THRESHOLD_EMA_DECAY: f32 = 0.95;
@@ -35,11 +35,9 @@ impl<B: Backend> ThresholdSync<B> for LocalReplica {
 /// # Panics
 /// If `k` is 0 or larger than `S` (the official code raises there too).
 pub(crate) fn threshold_quantile<B: Backend>(logits: Tensor<B, 2>, k: usize) -> Tensor<B, 1> {
-    let [s, n_experts] = logits.dims();
+    let [s, _] = logits.dims();
     assert!(k >= 1 && k <= s, "threshold quantile needs 1 <= k <= {s}, got k = {k}");
-    let probs = activation::sigmoid(logits.detach()).transpose(); // [E, S]
-    let (top, _) = topk_last(probs, k); // [E, k], descending
-    top.narrow(1, k - 1, 1).reshape([n_experts])
+    kth_largest_rows(activation::sigmoid(logits.detach()).transpose(), k) // of [E, S]
 }
 
 /// `thr * decay + (1 - decay) * quantile`, as the official update computes it.

@@ -5,15 +5,16 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Distribution, ElementConversion, IndexingUpdateOp, Tensor};
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, IndexingUpdateOp, Int, Tensor};
 
 use crate::activation::softmax_last;
+use crate::counting_select::compact;
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::matmul::matmul;
 use crate::mlp::SwiGluMlp;
 use crate::routing::{Routing, RoutingStats};
 use crate::token_pool::TokenPool;
-use crate::topk::topk_last;
+use crate::topk::top_k_indices;
 
 /// Weight of the load-balancing loss (official `aux_loss_alpha`).
 pub const AUX_LOSS_ALPHA: f64 = 0.01;
@@ -91,7 +92,7 @@ impl<B: Backend> TokenChoiceLayer<B> {
         let s = pool.len();
         let device = pool.x.device();
         let scores = softmax_last(matmul(pool.x.clone(), self.gate.val().transpose())); // [S, E]
-        let (_, choice) = topk_last(scores.clone(), self.top_k); // [S, k]
+        let choice = top_k_indices(scores.clone(), self.top_k); // [S, k]
         let assigned = Tensor::<B, 2>::zeros([s, n_experts], &device).scatter(
             1,
             choice,
@@ -103,11 +104,11 @@ impl<B: Backend> TokenChoiceLayer<B> {
         let counts = assigned.clone().sum_dim(0).reshape([n_experts]); // [E]
                                                                        // The one host synchronisation of this layer: the padded expert batch.
         let longest = (counts.clone().max().into_scalar().elem::<f64>() as usize).max(1);
-        let expert_major = assigned.clone().transpose(); // [E, S]
-                                                         // Assigned tokens sort before the others; the order among them is irrelevant.
-        let (_, rows) = expert_major.sort_descending_with_indices(1);
-        let rows = rows.narrow(1, 0, longest); // [E, longest]
-        let weights = combine.clone().transpose().gather(1, rows.clone()); // [E, longest]
+        // Each expert's tokens in pool order, then padding (row 0) weighted by zero.
+        let rows = compact(assigned.clone().transpose().greater_elem(0.0), longest); // [E, longest]
+        let slot = Tensor::<B, 1, Int>::arange(0..longest as i64, &device).float().unsqueeze_dim::<2>(0); // [1, longest]
+        let valid = slot.lower(counts.clone().unsqueeze_dim(1)).float(); // [E, longest]
+        let weights = combine.clone().transpose().gather(1, rows.clone()) * valid; // [E, longest]
         let y = pool.unflatten(pool.dispatch(&self.experts, rows, weights));
         let y = match &self.shared_experts {
             Some(shared) => y + shared.forward(x),

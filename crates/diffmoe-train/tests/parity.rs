@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
-use burn::backend::{Autodiff, Flex};
-use diffmoe_train::parity::{any_failed, check_case, format_report};
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::tensor::backend::Backend;
+use diffmoe_train::parity::{any_failed, check_case, check_dir, format_report};
 
 fn fixtures() -> PathBuf {
     match std::env::var_os("DIFFMOE_PARITY_DIR") {
@@ -19,6 +20,20 @@ fn run(case: &str) {
     println!("{report}");
     assert!(!rows.is_empty());
     assert!(!any_failed(&rows), "parity failed for {case}:\n{report}");
+}
+
+/// Every case on a backend other than Flex: the code paths of GPU backends
+/// (burn's own products and activations, top-k and threshold selections by
+/// counting on the device instead of the CPU kernel) against the same
+/// fixtures.
+#[test]
+fn every_case_on_the_generic_backend_path() {
+    type B = Autodiff<NdArray>;
+    let rows = check_dir::<B>(&fixtures(), &Default::default()).expect("fixtures readable");
+    let report = format_report(&rows);
+    println!("{report}");
+    assert!(!rows.is_empty());
+    assert!(!any_failed(&rows), "parity failed on {}:\n{report}", B::name(&Default::default()));
 }
 
 #[test]
