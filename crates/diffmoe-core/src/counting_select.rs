@@ -41,11 +41,14 @@ fn bracket<B: Backend>(x: &Tensor<B, 2>, k: &Tensor<B, 2, Int>) -> (Tensor<B, 2>
     let mut lo = x.clone().min_dim(1);
     let mut hi = x.clone().max_dim(1);
     for _ in 0..ROUNDS {
-        let candidates = lo.clone() + (hi.clone() - lo.clone()) * steps.clone(); // [rows, C]
-        let counts = column.clone().greater_equal(candidates.clone().reshape([rows, 1, CANDIDATES])).int().sum_dim(1); // [rows, 1, C]
-                                                                                                                       // The counts fall with the threshold, so the candidates that keep
-                                                                                                                       // at least k entries are a prefix; its length picks the sub-interval.
-        let kept = counts.reshape([rows, CANDIDATES]).greater_equal(k.clone()).int().sum_dim(1); // [rows, 1]
+        // [rows, C] candidates, [rows, n, C] comparisons, then [rows, C]
+        // counts of the entries at or above each candidate. The counts fall
+        // with the threshold, so the candidates that keep at least k entries
+        // are a prefix; its length picks the sub-interval.
+        let candidates = lo.clone() + (hi.clone() - lo.clone()) * steps.clone();
+        let above = column.clone().greater_equal(candidates.clone().reshape([rows, 1, CANDIDATES]));
+        let counts = above.int().sum_dim(1).reshape([rows, CANDIDATES]);
+        let kept = counts.greater_equal(k.clone()).int().sum_dim(1); // [rows, 1]
         let ends = Tensor::cat(vec![lo, candidates, hi], 1); // [rows, C + 2]
         lo = ends.clone().gather(1, kept.clone());
         hi = ends.gather(1, kept.add_scalar(1));
@@ -100,6 +103,16 @@ pub(crate) fn compact<B: Backend>(mask: Tensor<B, 2, Bool>, slots: usize) -> Ten
     Tensor::<B, 2, Int>::zeros([rows, slots + 1], &device)
         .scatter(1, slot, index, IndexingUpdateOp::Add)
         .narrow(1, 0, slots)
+}
+
+/// `1` in the first `counts[r]` of row `r`'s `slots` slots, `0` after: the
+/// slots of a compacted row that hold its entries.
+///
+/// # Shapes
+/// - `counts`: `[rows]` -> `[rows, slots]`
+pub(crate) fn filled_slots<B: Backend>(counts: Tensor<B, 1, Int>, slots: usize) -> Tensor<B, 2> {
+    let slot = Tensor::<B, 1, Int>::arange(0..slots as i64, &counts.device()).unsqueeze_dim::<2>(0); // [1, slots]
+    slot.lower(counts.unsqueeze_dim(1)).float()
 }
 
 /// Inclusive prefix sums along each row, in two levels: within blocks of
@@ -209,6 +222,9 @@ mod tests {
         assert_eq!(got, vec![1, 3, 4, 0, 0, 0, 0, 0, 0, 1, 2, 3]);
         let got = compact(mask, 2).into_data().convert::<i64>().to_vec::<i64>().unwrap();
         assert_eq!(got, vec![1, 3, 0, 0, 0, 1]);
+        let counts = Tensor::<B, 1, Int>::from_data(TensorData::from([3i64, 0, 4]), &Default::default());
+        let filled = filled_slots(counts, 4).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(filled, vec![1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
     }
 
     #[test]

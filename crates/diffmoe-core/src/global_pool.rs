@@ -8,7 +8,7 @@ use burn::tensor::{activation, backend::Backend, ElementConversion, Int, Tensor}
 
 use crate::activation::softmax_last;
 use crate::capacity::{capacity_k, CapacityPredictor};
-use crate::counting_select::compact;
+use crate::counting_select::{compact, filled_slots};
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::init;
 use crate::matmul::matmul;
@@ -220,8 +220,7 @@ impl<B: Backend> DiffMoeLayer<B> {
                 Selection::TopByGate => top_counts_indices(scores.clone(), counts.clone(), plan.slots),
                 Selection::AboveThreshold => compact(above, plan.slots),
             }; // [E, slots]: expert e's tokens in its first k_e slots
-            let slot = Tensor::<B, 1, Int>::arange(0..plan.slots as i64, &device).unsqueeze_dim::<2>(0); // [1, slots]
-            let valid = slot.lower(counts.clone().unsqueeze_dim::<2>(1)).float(); // [E, slots]
+            let valid = filled_slots(counts.clone(), plan.slots); // [E, slots]
             let weights = scores.gather(1, indices.clone()) * valid.clone(); // [E, slots]
             let y = pool.dispatch_in_chunks(&self.experts, indices.clone(), weights.clone(), plan.chunk);
             (y, pool.expert_choice_stats(indices, weights, valid))

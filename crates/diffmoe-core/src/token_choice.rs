@@ -5,10 +5,10 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Distribution, ElementConversion, IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{backend::Backend, Distribution, ElementConversion, IndexingUpdateOp, Tensor};
 
 use crate::activation::softmax_last;
-use crate::counting_select::compact;
+use crate::counting_select::{compact, filled_slots};
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::matmul::matmul;
 use crate::mlp::SwiGluMlp;
@@ -106,8 +106,7 @@ impl<B: Backend> TokenChoiceLayer<B> {
         let longest = (counts.clone().max().into_scalar().elem::<f64>() as usize).max(1);
         // Each expert's tokens in pool order, then padding (row 0) weighted by zero.
         let rows = compact(assigned.clone().transpose().greater_elem(0.0), longest); // [E, longest]
-        let slot = Tensor::<B, 1, Int>::arange(0..longest as i64, &device).float().unsqueeze_dim::<2>(0); // [1, longest]
-        let valid = slot.lower(counts.clone().unsqueeze_dim(1)).float(); // [E, longest]
+        let valid = filled_slots(counts.clone().int(), longest); // [E, longest]
         let weights = combine.clone().transpose().gather(1, rows.clone()) * valid; // [E, longest]
         let y = pool.unflatten(pool.dispatch(&self.experts, rows, weights));
         let y = match &self.shared_experts {
