@@ -8,13 +8,13 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use clap::ValueEnum;
 use serde::Serialize;
 
-use diffmoe_core::{LocalReplica, Routing};
+use diffmoe_core::{LocalReplica, Routing, RoutingStats};
 use diffmoe_model::{BlockMlp, DiT, DiTConfig, Family, MoeConfig, MoeLayout, Objective, RunConfig};
 use diffmoe_train::sampler::{
     DdpmGuidance, DdpmMethod, DdpmSampler, DiTDenoiser, FlowGuidance, FlowSampler, FlowSolver, ModelVariance, Record,
     SeededNoise,
 };
-use diffmoe_train::{flow_loss, AdamW, DdpmSchedule, GradientBuffer, LossTerms};
+use diffmoe_train::{bce_with_logits, flow_loss, AdamW, DdpmSchedule, GradientBuffer, LossTerms};
 
 /// What one timed iteration does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -28,9 +28,10 @@ pub enum Workload {
     /// `--sample-steps` sampler steps from noise (Euler for flow models,
     /// respaced ancestral for DDPM), unguided, in each inference routing mode.
     Sample,
-    /// The MLP layer alone, forward and backward with training routing: a
-    /// dense MLP against each MoE family at the preset's experts and capacity
-    /// (equal activated parameters).
+    /// The MLP layer alone, forward and backward with training routing and
+    /// the layer's own training terms (DiffMoE's capacity loss, TC's
+    /// load-balancing loss): a dense MLP against each MoE family at the
+    /// preset's experts and capacity (equal activated parameters).
     MlpLayer,
 }
 
@@ -296,6 +297,20 @@ impl<B: AutodiffBackend> Inputs<B> {
     }
 }
 
+/// What a MoE layer adds to the training loss: the capacity predictor's
+/// BCE (DiffMoE) and the load-balancing loss (TC). Without them the
+/// predictor's forward would be timed with no backward, and its graph, which
+/// hangs off parameters that live across iterations, would never be freed:
+/// the case would grow by megabytes per iteration and fault fresh pages.
+///
+/// # Shapes
+/// -> `[1]`
+fn layer_training_terms<B: Backend>(stats: RoutingStats<B>) -> Tensor<B, 1> {
+    let device = stats.selection_mask.device();
+    let capacity = stats.capacity_logits.map(|logits| bce_with_logits(logits, stats.selection_mask.detach()));
+    [capacity, stats.aux_loss].into_iter().flatten().fold(Tensor::zeros([1], &device), |acc, term| acc + term)
+}
+
 /// The dense MLP and the MoE layer of each family at the experts and
 /// capacity of `config` (a dense preset is compared with 8 experts at
 /// capacity 1).
@@ -345,8 +360,9 @@ fn mlp_layer_cases<B: AutodiffBackend>(config: &DiTConfig, batch: usize, device:
                 expert_tokens: evals,
                 layer_flops: Some(3.0 * forward),
                 run: Box::new(move || {
-                    let (y, _) = mlp.forward(x.clone(), Routing::Train);
-                    let grads = y.sum().backward();
+                    let (y, stats) = mlp.forward(x.clone(), Routing::Train);
+                    let loss = stats.map_or(y.clone().sum(), |stats| y.sum() + layer_training_terms(stats));
+                    let grads = loss.backward();
                     std::hint::black_box(x.grad(&grads));
                 }),
             }
