@@ -180,13 +180,9 @@ pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         };
         let per_matrix = m * n * k;
         if batch >= 4 && batch * per_matrix >= PARALLEL_BATCH {
-            if b.row == 1 && k > m {
-                // A column-major right operand larger than the result (the
-                // weights of a batch of experts in their input gradient,
-                // `g @ w^T`): gemm reads it in place when the result is
-                // column-major, where for a row-major result it packs a copy
-                // of every matrix. Each matrix goes through a column-major
-                // scratch buffer and is transposed into place.
+            if b.row == 1 && column_major_pays(m, k, n) {
+                // Each matrix goes through a column-major scratch buffer and
+                // is transposed into place.
                 (0..batch).into_par_iter().for_each(|i| {
                     let mut scratch = Vec::<f32>::with_capacity(m * n);
                     product(scratch.as_mut_ptr(), 1, m as isize, i, gemm::Parallelism::None);
@@ -208,6 +204,25 @@ pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         unsafe { out.set_len(len) };
     }
     FlexTensor::new(burn::tensor::Bytes::from_elems(out), Layout::contiguous(Shape::from(dims)), DType::F32)
+}
+
+/// Whether a product with a column-major right operand (`m x k` by
+/// `k x n`, the experts' weights in their input gradient `g @ w^T`) is
+/// faster written column-major and transposed than written row-major.
+///
+/// gemm packs the left operand of the product it computes into panels (one
+/// pass over it) and reads a column-major right operand in place. For a
+/// row-major result it computes the transposed product, so the right
+/// operand, all `k x n` of it, is packed; for a column-major result only the
+/// left one, `m x k`, is, at the price of transposing the `m x n` result.
+/// That pays while `m (k + n) < k n` and the rows are few enough: beyond 128
+/// rows gemm's in-place reads of the right operand lose to its packed ones
+/// (single-thread measurements on the 2-core x86-64 machine of
+/// docs/benchmarks.md, `k x n` of `384 x 1536` to `4096 x 1024`: the
+/// column-major product 5-20% faster at 64 to 128 rows, up to 10% slower
+/// at 192 and 256).
+fn column_major_pays(m: usize, k: usize, n: usize) -> bool {
+    m <= 128 && m * (k + n) < k * n
 }
 
 /// `out` (row-major `rows x cols`) = the column-major `col_major`, in
@@ -307,12 +322,18 @@ mod tests {
 
     #[test]
     fn products_and_gradients_equal_burns() {
-        equals_burn([7, 5], [7, 300], [5, 300]); // one matrix
-        equals_burn([200, 230], [200, 210], [230, 210]); // large enough to split across threads
-        equals_burn([3, 7, 5], [3, 7, 9], [3, 5, 9]); // a small batch
-                                                      // Batch items on separate threads; the left gradient, `g @ rhs^T`, has
-                                                      // a column-major right operand deeper than its rows (the transposing path).
-        equals_burn([6, 128, 48], [6, 128, 80], [6, 48, 80]);
+        // One matrix; one large enough to split across threads; a small batch.
+        equals_burn([7, 5], [7, 300], [5, 300]);
+        equals_burn([200, 230], [200, 210], [230, 210]);
+        equals_burn([3, 7, 5], [3, 7, 9], [3, 5, 9]);
+        // Batch items on separate threads; the left gradient, `g @ rhs^T`,
+        // has a column-major right operand larger than its rows and the
+        // result together (the transposing path).
+        assert!(column_major_pays(32, 300, 256));
+        equals_burn([6, 256, 32], [6, 256, 300], [6, 32, 300]);
+        // The same with more rows than pay: written row-major.
+        assert!(!column_major_pays(160, 96, 64));
+        equals_burn([4, 64, 160], [4, 64, 96], [4, 160, 96]);
         equals_burn([2, 3, 16, 8], [2, 3, 16, 8], [2, 3, 8, 8]); // two batch axes, as attention's
     }
 
