@@ -146,11 +146,21 @@ pub fn flex_contiguous(x: FlexTensor) -> FlexTensor {
     }
 }
 
+/// A contiguous f32 tensor of `shape` that takes over `data` as its buffer
+/// (for kernels outside this crate).
+///
+/// # Panics
+/// If `data` does not hold `shape`'s number of elements.
+pub fn flex_from_vec(data: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
+    assert_eq!(data.len(), shape.num_elements(), "flex_from_vec: {} elements for shape {shape:?}", data.len());
+    FlexTensor::new(burn::tensor::Bytes::from_elems(data), Layout::contiguous(shape), DType::F32)
+}
+
 /// A new contiguous f32 tensor of `shape` filled by `fill`.
 fn new_f32(shape: burn::tensor::Shape, fill: impl FnOnce(&mut [f32])) -> FlexTensor {
     let mut out = vec![0.0f32; shape.num_elements()];
     fill(&mut out);
-    FlexTensor::new(burn::tensor::Bytes::from_elems(out), Layout::contiguous(shape), DType::F32)
+    flex_from_vec(out, shape)
 }
 
 fn flex_pointwise(op: Pointwise, x: FlexTensor) -> FlexTensor {

@@ -39,7 +39,7 @@ pub use broadcast::broadcast_middle;
 pub use capacity::{capacity_k, CapacityPredictor};
 pub use expert_bank::{ExpertBank, ExpertKind, GeluExperts, SwiGluExperts};
 pub use expert_choice::{ExpertChoiceConfig, ExpertChoiceLayer};
-pub use fused::{flex_contiguous, flex_f32, from_flex};
+pub use fused::{flex_contiguous, flex_f32, flex_from_vec, from_flex};
 pub use global_pool::{DiffMoeConfig, DiffMoeLayer};
 pub use matmul::{linear, matmul};
 pub use mlp::{FeedForward, Mlp, SwiGluMlp};

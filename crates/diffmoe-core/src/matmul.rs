@@ -20,10 +20,10 @@ use burn::backend::Autodiff;
 use burn::nn::Linear;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
-use burn_flex::{Flex, FlexTensor, Layout};
+use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use crate::fused::{cast, from_flex, is_cpu};
+use crate::fused::{cast, flex_from_vec, from_flex, is_cpu};
 
 /// Products of at least this many multiply-adds split one matrix across
 /// threads (burn-flex's threshold).
@@ -203,7 +203,7 @@ pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         // SAFETY: every element was written above.
         unsafe { out.set_len(len) };
     }
-    FlexTensor::new(burn::tensor::Bytes::from_elems(out), Layout::contiguous(Shape::from(dims)), DType::F32)
+    flex_from_vec(out, Shape::from(dims))
 }
 
 /// Whether a product with a column-major right operand (`m x k` by
