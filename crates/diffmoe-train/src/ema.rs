@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor};
+use rayon::prelude::*;
 
+use diffmoe_core::{flex_contiguous, flex_f32, flex_from_vec, from_flex};
 use diffmoe_model::DiT;
 
 use crate::param_path::{map_named, visit_named, NamedMapper, NamedVisitor};
@@ -51,9 +53,41 @@ impl<B: Backend> NamedMapper<B> for Blend<B> {
         let source = self.source.remove(&name).unwrap_or_else(|| panic!("EMA: the model has no parameter {name}"));
         let dims = ema.dims();
         // Official: ema.mul_(decay).add_(param, alpha=1 - decay).
-        let blended = ema.mul_scalar(self.decay) + source.reshape(dims).mul_scalar(1.0 - self.decay);
+        let blended = blend(ema, source.reshape(dims), self.decay);
         Param::from_mapped_value(id, blended, mapper)
     }
+}
+
+/// Elements per rayon task of [`blend`].
+const TASK_ELEMS: usize = 64 * 1024;
+
+/// `ema * decay + source * (1 - decay)`: in one pass on the CPU backend, as
+/// tensor ops elsewhere. Both give the same bits: each product rounded to
+/// f32 with its scalar rounded to f32, then the sum (Rust does not contract
+/// them into an FMA). The tensor ops make about five passes over memory;
+/// over DiffMoE-S-E16's 140M parameters that was a tenth of a CPU step.
+///
+/// # Shapes
+/// - `ema`, `source`: equal shapes -> the same shape
+fn blend<B: Backend, const D: usize>(ema: Tensor<B, D>, source: Tensor<B, D>, decay: f64) -> Tensor<B, D> {
+    let (Ok(e), Ok(s)) = (flex_f32(ema.clone()), flex_f32(source.clone())) else {
+        return ema.mul_scalar(decay) + source.mul_scalar(1.0 - decay);
+    };
+    let (e, s) = (flex_contiguous(e), flex_contiguous(s));
+    let (e, s): (&[f32], &[f32]) = (e.storage(), s.storage());
+    assert_eq!(e.len(), s.len(), "EMA: a parameter and its average differ in size");
+    let (d, c) = (decay as f32, (1.0 - decay) as f32);
+    let n = e.len();
+    let mut out = Vec::with_capacity(n);
+    let tasks = out.spare_capacity_mut()[..n].par_chunks_mut(TASK_ELEMS);
+    tasks.zip(e.par_chunks(TASK_ELEMS)).zip(s.par_chunks(TASK_ELEMS)).for_each(|((out, e), s)| {
+        for ((o, &e), &s) in out.iter_mut().zip(e).zip(s) {
+            o.write(e * d + s * c);
+        }
+    });
+    // SAFETY: all `n` elements were written above.
+    unsafe { out.set_len(n) };
+    from_flex(flex_from_vec(out, ema.shape()))
 }
 
 impl<B: Backend> Ema<B> {
@@ -77,6 +111,27 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use diffmoe_model::preset;
+
+    #[test]
+    fn the_cpu_blend_gives_the_bits_of_the_tensor_ops() {
+        use burn::backend::NdArray;
+        use burn::tensor::Distribution;
+        let device = Default::default();
+        let e = Tensor::<Flex, 2>::random([300, 7], Distribution::Normal(0.0, 1.0), &device);
+        let s = Tensor::<Flex, 2>::random([300, 7], Distribution::Normal(0.0, 1.0), &device);
+        let bits =
+            |t: Tensor<Flex, 2>| t.into_data().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for decay in [0.9999, 0.75, 0.0] {
+            let expected = e.clone().mul_scalar(decay) + s.clone().mul_scalar(1.0 - decay);
+            let kept = e.clone(); // shared with the caller: must not be written
+            assert_eq!(bits(blend(e.clone(), s.clone(), decay)), bits(expected));
+            assert_eq!(bits(kept), bits(e.clone()));
+            // The tensor ops of another backend, the same bits.
+            let to_nd = |t: &Tensor<Flex, 2>| Tensor::<NdArray, 2>::from_data(t.to_data(), &Default::default());
+            let nd = blend(to_nd(&e), to_nd(&s), decay);
+            assert_eq!(bits(Tensor::from_data(nd.into_data(), &device)), bits(blend(e.clone(), s.clone(), decay)));
+        }
+    }
 
     #[test]
     fn ema_moves_every_tensor_by_one_minus_decay_buffers_included() {
