@@ -19,7 +19,8 @@ use diffmoe_train::parity::{any_failed, check_dir, format_report};
 /// inference forward on the CPU). See [`keep_freed_memory`]. The bench's
 /// memory column counts live bytes through [`bench::CountingAllocator`].
 #[global_allocator]
-static ALLOCATOR: bench::CountingAllocator<mimalloc::MiMalloc> = bench::CountingAllocator(mimalloc::MiMalloc);
+static ALLOCATOR: bench::CountingAllocator<mimalloc::MiMalloc> =
+    bench::CountingAllocator { inner: mimalloc::MiMalloc, counters: &bench::memory::COUNTERS };
 
 /// Turns off mimalloc's purging (`mi_option_purge_delay = -1`): by default it
 /// hands memory freed 10 ms ago back to the OS, and a training step, whose
