@@ -139,7 +139,10 @@ pub struct Trainer<B: AutodiffBackend, R: Replica<B>> {
     run_dir: PathBuf,
     device: B::Device,
     replica: R,
-    model: DiT<B>,
+    /// Taken out only during the optimizer step, so that no other handle
+    /// shares the parameters and AdamW updates them in place (with the old
+    /// model still held, the CPU kernel copied all of them first).
+    model: Option<DiT<B>>,
     ema: Ema<B::InnerBackend>,
     optimizer: AdamW<B>,
     state: TrainState,
@@ -330,7 +333,7 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
             run_dir: run_dir.to_path_buf(),
             device,
             replica,
-            model,
+            model: Some(model),
             ema,
             optimizer,
             state,
@@ -355,7 +358,12 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
 
     /// The model being trained.
     pub fn model(&self) -> &DiT<B> {
-        &self.model
+        self.model.as_ref().expect("the model is in place between optimizer steps")
+    }
+
+    /// The model, out of the trainer until it is put back.
+    fn take_model(&mut self) -> DiT<B> {
+        self.model.take().expect("the model is in place between optimizer steps")
     }
 
     /// The EMA model.
@@ -399,7 +407,7 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
             start_step: self.state.step,
             total_steps: train.steps,
             dataset: self.dataset.describe(),
-            parameters: self.model.num_params(),
+            parameters: self.model().num_params(),
             world_size: world,
         });
 
@@ -426,7 +434,8 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
                 interval.images += (batch.labels.len() * world) as u64;
                 if let (Some(schedule), Some(moe)) = (train.capacity_schedule, &self.config.model.moe) {
                     let c = schedule.capacity_at(self.state.micro_step, moe.num_experts, moe.capacity);
-                    self.model = self.model.clone().with_capacity(c);
+                    let model = self.take_model();
+                    self.model = Some(model.with_capacity(c));
                     capacity = Some(c);
                 }
                 let terms = self.loss(batch);
@@ -434,14 +443,15 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
                 step_loss += scalars.loss / train.accumulation as f64;
                 interval.add(&scalars);
                 let backward = terms.total.backward();
-                grads.accumulate(&self.model, &backward);
+                grads.accumulate(self.model(), &backward);
                 routing_counts = terms
                     .output
                     .routing
                     .iter()
                     .map(|r| (r.block, r.stats.tokens_per_expert.clone()))
                     .collect::<Vec<(usize, Tensor<B, 1, Int>)>>();
-                self.model = self.model.clone().with_updated_thresholds(&terms.output.routing, &self.replica);
+                let model = self.take_model();
+                self.model = Some(model.with_updated_thresholds(&terms.output.routing, &self.replica));
                 self.state.micro_step += 1;
             }
             self.replica.mean_gradients(&mut grads);
@@ -455,8 +465,9 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
                     grads.scale(coef);
                 }
             }
-            self.model = self.optimizer.step(self.model.clone(), grads, lr);
-            self.ema.update(&self.model.valid());
+            let model = self.take_model();
+            self.model = Some(self.optimizer.step(model, grads, lr));
+            self.ema.update(&self.model().valid());
             self.state.step = step;
             self.state.images_seen += (train.batch_size * train.accumulation) as u64;
             self.state.elapsed_seconds = elapsed_before + session_start.elapsed().as_secs_f64();
@@ -489,7 +500,7 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
                 let dir = save_checkpoint(
                     &self.run_dir,
                     &self.config,
-                    &self.model,
+                    self.model(),
                     &self.ema.model,
                     &self.optimizer,
                     &self.state,
@@ -571,11 +582,11 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
                         .collect(),
                 };
                 let t = Tensor::<B, 1>::from_data(TensorData::new(t, [n]), device);
-                flow_loss(&self.model, x, y, noise, t)
+                flow_loss(self.model(), x, y, noise, t)
             }
             Some(schedule) => {
                 let t: Vec<usize> = (0..n).map(|_| times.random_range(0..schedule.steps())).collect();
-                schedule.training_loss(&self.model, x, y, &t, noise)
+                schedule.training_loss(self.model(), x, y, &t, noise)
             }
         }
     }
@@ -604,7 +615,7 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
             .map(|(b, t)| (b.to_string(), t.into_data().convert::<i64>().to_vec().expect("integer counts")))
             .collect();
         let thresholds = self
-            .model
+            .model()
             .thresholds()
             .into_iter()
             .map(|(b, t)| (b.to_string(), t.into_data().convert::<f32>().to_vec().expect("f32 thresholds")))
