@@ -134,6 +134,28 @@ fn on_cpu<B: Backend, const D: usize>(
     }
 }
 
+/// Runs `flex` or `autodiff` on `(lhs, rhs)` when `B` is `Flex` or
+/// `Autodiff<Flex>` and both hold f32.
+pub(crate) fn on_cpu_pair<B: Backend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+    flex: impl FnOnce(FlexTensor, FlexTensor) -> FlexTensor,
+    autodiff: impl FnOnce(Tensor<Autodiff<Flex>, D>, Tensor<Autodiff<Flex>, D>) -> Tensor<Autodiff<Flex>, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    if lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32 {
+        return Err((lhs, rhs));
+    }
+    let backend = TypeId::of::<B>();
+    if backend == TypeId::of::<Flex>() {
+        let (lhs, rhs): (Tensor<Flex, D>, Tensor<Flex, D>) = (cast(lhs), cast(rhs));
+        return Ok(from_flex(flex(lhs.into_primitive().tensor(), rhs.into_primitive().tensor())));
+    }
+    if backend == TypeId::of::<Autodiff<Flex>>() {
+        return Ok(cast(autodiff(cast(lhs), cast(rhs))));
+    }
+    Err((lhs, rhs))
+}
+
 /// `x` with its f32 elements exactly covering its buffer in row-major order:
 /// `x` itself when it already does, a copy of a view otherwise.
 pub fn flex_contiguous(x: FlexTensor) -> FlexTensor {

@@ -8,7 +8,7 @@ use burn::tensor::{activation, backend::Backend, ElementConversion, Int, Tensor}
 
 use crate::activation::softmax_last;
 use crate::capacity::{capacity_k, CapacityPredictor};
-use crate::counting_select::{compact, filled_slots};
+use crate::compaction::{compact, filled_slots};
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::init;
 use crate::matmul::matmul;

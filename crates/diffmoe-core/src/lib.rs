@@ -19,6 +19,7 @@
 mod activation;
 mod broadcast;
 mod capacity;
+mod compaction;
 mod counting_select;
 mod cpu_kernels;
 mod expert_bank;

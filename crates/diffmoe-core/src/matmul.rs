@@ -10,8 +10,6 @@
 //! products of the same kind. Any other backend, float type or shape takes
 //! burn's `matmul`.
 
-use core::any::TypeId;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -19,11 +17,11 @@ use burn::backend::autodiff::ops::{binary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::nn::Linear;
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Shape, Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use crate::fused::{cast, flex_from_vec, from_flex, is_cpu};
+use crate::fused::{flex_from_vec, is_cpu, on_cpu_pair};
 
 /// Products of at least this many multiply-adds split one matrix across
 /// threads (burn-flex's threshold).
@@ -40,21 +38,10 @@ const PARALLEL_BATCH: usize = 128 * 128 * 128;
 /// - `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` -> `[..., m, n]`
 pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
     let (ld, rd) = (lhs.dims(), rhs.dims());
-    let fits = D >= 2
-        && ld[..D - 2] == rd[..D - 2]
-        && ld[D - 1] == rd[D - 2]
-        && lhs.dtype() == DType::F32
-        && rhs.dtype() == DType::F32;
-    let backend = TypeId::of::<B>();
-    if fits && backend == TypeId::of::<Flex>() {
-        let (lhs, rhs): (Tensor<Flex, D>, Tensor<Flex, D>) = (cast(lhs), cast(rhs));
-        let y = flex_matmul(lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
-        return from_flex(y);
+    if D < 2 || ld[..D - 2] != rd[..D - 2] || ld[D - 1] != rd[D - 2] {
+        return lhs.matmul(rhs);
     }
-    if fits && backend == TypeId::of::<Autodiff<Flex>>() {
-        return cast(autodiff_matmul::<D>(cast(lhs), cast(rhs)));
-    }
-    lhs.matmul(rhs)
+    on_cpu_pair(lhs, rhs, flex_matmul, autodiff_matmul::<D>).unwrap_or_else(|(lhs, rhs)| lhs.matmul(rhs))
 }
 
 /// `x @ weight + bias` of a burn [`Linear`] layer, its products by

@@ -8,7 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, IndexingUpdateOp, Tensor};
 
 use crate::activation::softmax_last;
-use crate::counting_select::{compact, filled_slots};
+use crate::compaction::{compact, filled_slots};
 use crate::expert_bank::{ExpertBank, ExpertKind};
 use crate::matmul::matmul;
 use crate::mlp::SwiGluMlp;

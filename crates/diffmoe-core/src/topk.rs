@@ -11,7 +11,8 @@
 
 use burn::tensor::{backend::Backend, DType, Int, Tensor, TensorData};
 
-use crate::counting_select::{compact, kth_largest, top_k_mask};
+use crate::compaction::compact;
+use crate::counting_select::{kth_largest, top_k_mask};
 use crate::cpu_kernels;
 use crate::fused::{cpu_values, is_cpu};
 
