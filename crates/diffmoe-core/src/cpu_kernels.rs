@@ -42,7 +42,7 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 5e-1;
     let e = p * (r * r) + r + 1.0;
     let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()); // n as a two's-complement u32
     let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
@@ -273,7 +273,7 @@ pointwise_api!(
 /// Softmax of every row of `row` elements of `x`, in place (the scores are
 /// the largest tensor of attention: the pass is memory-bound).
 pub fn softmax_in_place(x: &mut [f32], row: usize) {
-    assert!(row > 0 && x.len() % row == 0, "softmax: bad row length {row}");
+    assert!(row > 0 && x.len().is_multiple_of(row), "softmax: bad row length {row}");
     let chunk = task_rows(row) * row;
     x.par_chunks_mut(chunk).for_each(|x| softmax_rows_best(x, row));
 }
@@ -282,7 +282,7 @@ pub fn softmax_in_place(x: &mut [f32], row: usize) {
 /// softmax output `y` and the output gradient `g`.
 pub fn softmax_backward(y: &[f32], g: &[f32], dx: &mut [f32], row: usize) {
     assert!(
-        row > 0 && y.len() == g.len() && y.len() == dx.len() && y.len() % row == 0,
+        row > 0 && y.len() == g.len() && y.len() == dx.len() && y.len().is_multiple_of(row),
         "softmax_backward: bad row length {row}"
     );
     let chunk = task_rows(row) * row;
@@ -297,7 +297,7 @@ pub fn softmax_backward(y: &[f32], g: &[f32], dx: &mut [f32], row: usize) {
 /// `rows * k` long. A partial selection, `O(row + k log k)` per row, rows in
 /// parallel.
 pub fn topk_rows(x: &[f32], row: usize, k: usize) -> (Vec<f32>, Vec<i64>) {
-    assert!(row > 0 && x.len() % row == 0 && k <= row, "topk: k = {k} of rows of {row}");
+    assert!(row > 0 && x.len().is_multiple_of(row) && k <= row, "topk: k = {k} of rows of {row}");
     let rows = x.len() / row;
     let mut values = vec![0.0f32; rows * k];
     let mut indices = vec![0i64; rows * k];
@@ -345,11 +345,14 @@ mod tests {
         assert!(exp(200.0) > 1e38);
     }
 
+    /// A pointwise kernel's forward, in-place forward and backward.
+    type Kernels = (fn(&[f32], &mut [f32]), fn(&mut [f32]), fn(&[f32], &[f32], &mut [f32]));
+
     /// Checks a pointwise kernel's forward (and in-place forward) and
     /// backward on `xs` against `f` and `f'` computed in f64.
     fn check_pointwise(
         name: &str,
-        (forward, in_place, backward): (fn(&[f32], &mut [f32]), fn(&mut [f32]), fn(&[f32], &[f32], &mut [f32])),
+        (forward, in_place, backward): Kernels,
         xs: &[f32],
         f: impl Fn(f64) -> f64,
         f_prime: impl Fn(f64) -> f64,

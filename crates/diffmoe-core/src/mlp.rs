@@ -69,6 +69,9 @@ impl<B: Backend> SwiGluMlp<B> {
 }
 
 /// A dense feed-forward layer of either kind.
+// Variants are not boxed: burn's `Module` derive needs them as they are,
+// and a model holds one per block.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum FeedForward<B: Backend> {
     /// GELU (tanh) MLP with biases.

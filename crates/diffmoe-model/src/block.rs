@@ -13,6 +13,9 @@ use diffmoe_core::{
 use crate::attention::Attention;
 
 /// The MLP of a block.
+// Variants are not boxed: burn's `Module` derive needs them as they are,
+// and a model holds one per block.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum BlockMlp<B: Backend> {
     /// Dense GELU or SwiGLU MLP.

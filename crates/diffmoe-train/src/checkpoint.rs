@@ -437,7 +437,8 @@ fn parse_optimizer(bytes: &[u8], path: &Path) -> Result<OptimizerState, Checkpoi
         .and_then(|s| s.parse::<u64>().ok())
         .ok_or_else(|| corrupt("no `step` in the metadata".into()))?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
-    let mut halves: BTreeMap<String, (Option<Vec<f32>>, Option<Vec<f32>>)> = BTreeMap::new();
+    // Per parameter, `exp_avg` and `exp_avg_sq` as they are read.
+    let mut halves: BTreeMap<String, [Option<Vec<f32>>; 2]> = BTreeMap::new();
     for (key, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
             return Err(corrupt(format!("`{key}` is {:?}, expected F32", view.dtype())));
@@ -445,9 +446,9 @@ fn parse_optimizer(bytes: &[u8], path: &Path) -> Result<OptimizerState, Checkpoi
         let values: Vec<f32> =
             view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         let entry = if let Some(name) = key.strip_prefix("exp_avg_sq.") {
-            &mut halves.entry(name.to_string()).or_default().1
+            &mut halves.entry(name.to_string()).or_default()[1]
         } else if let Some(name) = key.strip_prefix("exp_avg.") {
-            &mut halves.entry(name.to_string()).or_default().0
+            &mut halves.entry(name.to_string()).or_default()[0]
         } else {
             return Err(corrupt(format!("unexpected tensor `{key}`")));
         };
@@ -456,7 +457,7 @@ fn parse_optimizer(bytes: &[u8], path: &Path) -> Result<OptimizerState, Checkpoi
     let mut moments = BTreeMap::new();
     for (name, pair) in halves {
         match pair {
-            (Some(m), Some(v)) if m.len() == v.len() => {
+            [Some(m), Some(v)] if m.len() == v.len() => {
                 moments.insert(name, (m, v));
             }
             _ => return Err(corrupt(format!("`{name}` needs exp_avg and exp_avg_sq of equal size"))),

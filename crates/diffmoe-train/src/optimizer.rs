@@ -75,7 +75,7 @@ impl<B: AutodiffBackend> NamedMapper<B> for Update<'_, B> {
         let [beta1, beta2] = c.betas;
         let t = self.step as i32;
         let step = AdamWStep {
-            decay: (c.weight_decay != 0.0).then(|| 1.0 - self.lr * c.weight_decay),
+            decay: (c.weight_decay != 0.0).then_some(1.0 - self.lr * c.weight_decay),
             one_minus_beta1: 1.0 - beta1,
             beta2,
             one_minus_beta2: 1.0 - beta2,

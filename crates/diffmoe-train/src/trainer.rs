@@ -255,7 +255,7 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
     ) -> Result<Self, TrainError> {
         config.validate()?;
         let world = replica.world_size();
-        if config.train.batch_size % world != 0 {
+        if !config.train.batch_size.is_multiple_of(world) {
             return Err(ConfigError::Invalid {
                 field: "train.batch_size".into(),
                 value: config.train.batch_size.to_string(),
@@ -488,7 +488,7 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
             });
 
             let last = step == train.steps;
-            if step % train.log_every == 0 || last {
+            if step.is_multiple_of(train.log_every) || last {
                 let record = self.record(&interval, lr, routing_counts, capacity);
                 if let Some(log) = &mut log {
                     log.append(&record)?;
@@ -496,7 +496,7 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
                 observer.logged(&record);
                 interval = Interval { started: Some(Instant::now()), ..Interval::default() };
             }
-            if leader && (step % train.checkpoint_every == 0 || last) {
+            if leader && (step.is_multiple_of(train.checkpoint_every) || last) {
                 let dir = save_checkpoint(
                     &self.run_dir,
                     &self.config,
@@ -509,7 +509,7 @@ impl<B: AutodiffBackend, R: Replica<B>> Trainer<B, R> {
                 observer.checkpointed(&dir);
                 summary.checkpoint = Some(dir);
             }
-            if leader && ((train.sample_every > 0 && step % train.sample_every == 0) || last) {
+            if leader && ((train.sample_every > 0 && step.is_multiple_of(train.sample_every)) || last) {
                 let path = self.write_grid(step)?;
                 observer.wrote_grid(&path);
                 summary.grid = Some(path);

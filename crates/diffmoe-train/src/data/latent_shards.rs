@@ -173,8 +173,11 @@ fn parse_meta(metadata: &HashMap<String, String>, path: &Path) -> Result<LatentS
     })
 }
 
-/// Reads tensor `name` as f32 values of `shape`.
-fn read_f32(tensors: &SafeTensors<'_>, name: &str, path: &Path) -> Result<Option<(Vec<usize>, Vec<f32>)>, DataError> {
+/// A tensor read from a shard: its shape and its f32 values.
+type ShapedValues = (Vec<usize>, Vec<f32>);
+
+/// Reads tensor `name`, when the shard has it.
+fn read_f32(tensors: &SafeTensors<'_>, name: &str, path: &Path) -> Result<Option<ShapedValues>, DataError> {
     let Ok(view) = tensors.tensor(name) else {
         return Ok(None);
     };

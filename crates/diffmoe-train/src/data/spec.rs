@@ -76,7 +76,8 @@ impl FromStr for DataSpec {
         if spec == EMBEDDED {
             return Ok(DataSpec::Embedded);
         }
-        let prefixed: [(&str, fn(PathBuf) -> DataSpec); 3] =
+        type Make = fn(PathBuf) -> DataSpec;
+        let prefixed: [(&str, Make); 3] =
             [(IDX_PREFIX, DataSpec::Idx), (FOLDER_PREFIX, DataSpec::ImageFolder), (LATENTS_PREFIX, DataSpec::Latents)];
         for (prefix, make) in prefixed {
             if let Some(path) = spec.strip_prefix(prefix) {
