@@ -13,8 +13,9 @@ use rayon::prelude::*;
 
 use diffmoe_core::{flex_contiguous, flex_f32, from_flex};
 
-/// Elements per rayon task.
-const TASK_ELEMS: usize = 64 * 1024;
+/// Elements per rayon task of the trainer's passes over the parameters:
+/// AdamW here, the EMA blend and the gradient norm.
+pub(crate) const TASK_ELEMS: usize = 64 * 1024;
 
 /// The per-step constants of the update, rounded to f32 as the tensor ops
 /// round their scalars.

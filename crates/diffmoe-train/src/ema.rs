@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use diffmoe_core::{flex_contiguous, flex_f32, flex_from_vec, from_flex};
 use diffmoe_model::DiT;
 
+use crate::adamw_kernel::TASK_ELEMS;
 use crate::param_path::{map_named, visit_named, NamedMapper, NamedVisitor};
 
 /// The EMA model and its decay.
@@ -57,9 +58,6 @@ impl<B: Backend> NamedMapper<B> for Blend<B> {
         Param::from_mapped_value(id, blended, mapper)
     }
 }
-
-/// Elements per rayon task of [`blend`].
-const TASK_ELEMS: usize = 64 * 1024;
 
 /// `ema * decay + source * (1 - decay)`: in one pass on the CPU backend, as
 /// tensor ops elsewhere. Both give the same bits: each product rounded to

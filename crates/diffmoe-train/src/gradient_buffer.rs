@@ -11,10 +11,8 @@ use rayon::prelude::*;
 use diffmoe_core::{flex_contiguous, flex_f32};
 use diffmoe_model::DiT;
 
+use crate::adamw_kernel::TASK_ELEMS;
 use crate::param_path::{visit_named, NamedVisitor};
-
-/// Elements per rayon task of [`cpu_sum_of_squares`].
-const TASK_ELEMS: usize = 64 * 1024;
 
 /// The sum of the squares of every element of `tensors`, in f64, when they
 /// are f32 tensors of the CPU backend. The partial sums of fixed chunks are

@@ -34,7 +34,7 @@ mod step_rng;
 mod train_log;
 mod trainer;
 
-pub use capacity_loss::{bce_with_logits, capacity_terms};
+pub use capacity_loss::{bce_with_logits, capacity_terms, layer_capacity_loss};
 pub use checkpoint::{
     checkpoint_dir, first_difference, list_checkpoints, load_checkpoint, load_trained, prune_checkpoints,
     save_checkpoint, Checkpoint, CheckpointError, TrainState, TrainedModel, CHECKPOINTS_DIR,

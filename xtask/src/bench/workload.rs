@@ -14,7 +14,7 @@ use diffmoe_train::sampler::{
     DdpmGuidance, DdpmMethod, DdpmSampler, DiTDenoiser, FlowGuidance, FlowSampler, FlowSolver, ModelVariance, Record,
     SeededNoise,
 };
-use diffmoe_train::{bce_with_logits, flow_loss, AdamW, DdpmSchedule, GradientBuffer, LossTerms};
+use diffmoe_train::{flow_loss, layer_capacity_loss, AdamW, DdpmSchedule, GradientBuffer, LossTerms};
 
 /// What one timed iteration does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -307,8 +307,10 @@ impl<B: AutodiffBackend> Inputs<B> {
 /// -> `[1]`
 fn layer_training_terms<B: Backend>(stats: RoutingStats<B>) -> Tensor<B, 1> {
     let device = stats.selection_mask.device();
-    let capacity = stats.capacity_logits.map(|logits| bce_with_logits(logits, stats.selection_mask.detach()));
-    [capacity, stats.aux_loss].into_iter().flatten().fold(Tensor::zeros([1], &device), |acc, term| acc + term)
+    [layer_capacity_loss(&stats), stats.aux_loss]
+        .into_iter()
+        .flatten()
+        .fold(Tensor::zeros([1], &device), |acc, term| acc + term)
 }
 
 /// The dense MLP and the MoE layer of each family at the experts and
