@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use diffmoe_train::parity::{any_failed, check_dir, format_report};
+use diffmoe_parity::{any_failed, format_report};
 
 /// Tensor buffers come and go by the hundred per step: mimalloc reuses their
 /// memory where glibc would unmap it and fault it back in (a third of an
@@ -126,19 +126,15 @@ fn parity(dir: &std::path::Path) -> Result<bool> {
     let device: Device = Default::default();
     let format = index["format"].as_str().unwrap_or_default();
     println!("== {} ({format})", dir.display());
-    Ok(if format.starts_with("VAE") {
-        let rows = diffmoe_vae::parity::check_dir::<Backend>(dir, &device)?;
-        print!("{}", diffmoe_vae::parity::format_report(&rows));
-        diffmoe_vae::parity::any_failed(&rows)
+    let rows = if format.starts_with("VAE") {
+        diffmoe_vae::parity::check_dir::<Backend>(dir, &device)?
     } else if format.starts_with("FID Inception") {
-        let rows = diffmoe_eval::parity::check_all::<Backend>(dir, &device)?;
-        print!("{}", diffmoe_eval::parity::format_report(&rows));
-        diffmoe_eval::parity::any_failed(&rows)
+        diffmoe_eval::parity::check_dir::<Backend>(dir, &device)?
     } else {
-        let rows = check_dir::<Backend>(dir, &device)?;
-        print!("{}", format_report(&rows));
-        any_failed(&rows)
-    })
+        diffmoe_train::parity::check_dir::<Backend>(dir, &device)?
+    };
+    print!("{}", format_report(&rows));
+    Ok(any_failed(&rows))
 }
 
 /// The device named by `--device`, which must belong to the compiled backend.

@@ -10,21 +10,22 @@
 //! pass silently. Before the network runs, every procedural weight is
 //! regenerated and checked against its SHA-256 in the manifest.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
-use safetensors::SafeTensors;
+use burn::tensor::{backend::Backend, Tensor};
 use serde_json::Value;
 
 use diffmoe_model::{HostTensor, StateDict};
+pub use diffmoe_parity::{any_failed, format_report, ParityRow, Status};
+use diffmoe_parity::{index_cases, Fixture, FixtureError};
 
 use crate::frechet::{
     frechet_distance, FeatureStatistics, MeanPrecision, SqrtmOffset, StatisticsError, PYTORCH_FID_EPS,
 };
 use crate::inception::{diffmoe_images01, resize_input, FcBias, FidInceptionV3, INCEPTION_CLASSES};
 use crate::inception_score::{inception_score, softmax_rows, ScoreArithmetic};
-use crate::inception_weights::{f32_values, weights_file_key, weights_file_keys, InceptionWeightsError};
+use crate::inception_weights::{weights_file_key, weights_file_keys, InceptionWeightsError};
 use crate::procedural_weights::{conv_scale_log2, key_seed, procedural_tensor, sha256_f32le, FC_SCALE_LOG2};
 
 /// Float64 statistics (`mu`, `sigma`) of the same float32 features: only the
@@ -50,23 +51,9 @@ pub const CORNER_ATOL: f64 = 1e-3;
 /// Why a parity run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ParityError {
-    /// A fixture file could not be read.
-    #[error("cannot read fixture file {}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A fixture file is malformed.
-    #[error("fixture file {} is malformed: {reason}", path.display())]
-    Malformed {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+    /// A fixture file could not be read, or lacks what a case needs.
+    #[error(transparent)]
+    Fixture(#[from] FixtureError),
     /// The fixture's network could not be built.
     #[error("case {case}: cannot build the FID Inception")]
     Weights {
@@ -89,32 +76,6 @@ pub enum ParityError {
     },
 }
 
-/// The outcome of one group of outputs.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Status {
-    /// Within tolerance.
-    Pass,
-    /// Outside tolerance or not computed; names the first failing output and why.
-    Fail(String),
-}
-
-/// One row of the report: a case and a group of outputs.
-#[derive(Debug, Clone)]
-pub struct ParityRow {
-    /// Case name.
-    pub case: String,
-    /// Output group (`pool`, `act.x299`, `fid.regular`, `weights`, ...).
-    pub group: String,
-    /// Outputs compared.
-    pub tensors: usize,
-    /// Largest absolute error.
-    pub max_abs: f64,
-    /// Largest error relative to each output's largest reference magnitude.
-    pub max_rel: f64,
-    /// Outcome.
-    pub status: Status,
-}
-
 /// How an output is compared.
 #[derive(Debug, Clone, Copy)]
 enum Tolerance {
@@ -122,99 +83,6 @@ enum Tolerance {
     Elementwise { atol: f64, rtol: f64 },
     /// `|port - ref| <= rtol max|ref|`.
     RelativeToMax { rtol: f64 },
-}
-
-/// A fixture tensor, values widened to f64.
-#[derive(Debug, Clone)]
-struct Stored {
-    shape: Vec<usize>,
-    values: Vec<f64>,
-}
-
-struct Fixture {
-    case: String,
-    path: PathBuf,
-    meta: Value,
-    tensors: BTreeMap<String, Stored>,
-}
-
-fn read_json(path: &Path) -> Result<Value, ParityError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ParityError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|e| ParityError::Malformed { path: path.to_path_buf(), reason: e.to_string() })
-}
-
-impl Fixture {
-    fn read(dir: &Path, case: &str) -> Result<Self, ParityError> {
-        let meta = read_json(&dir.join(format!("{case}.json")))?;
-        let path = dir.join(format!("{case}.safetensors"));
-        let bytes = std::fs::read(&path).map_err(|source| ParityError::Io { path: path.clone(), source })?;
-        let bad = |reason: String| ParityError::Malformed { path: path.clone(), reason };
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        let mut tensors = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            let values: Vec<f64> = match view.dtype() {
-                safetensors::Dtype::F64 => {
-                    view.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
-                }
-                safetensors::Dtype::I64 => view
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64)
-                    .collect(),
-                dtype => f32_values(dtype, view.data())
-                    .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {dtype:?}")))?
-                    .into_iter()
-                    .map(f64::from)
-                    .collect(),
-            };
-            tensors.insert(name, Stored { shape: view.shape().to_vec(), values });
-        }
-        Ok(Self { case: case.to_string(), path, meta, tensors })
-    }
-
-    fn malformed(&self, reason: impl Into<String>) -> ParityError {
-        ParityError::Malformed { path: self.path.clone(), reason: reason.into() }
-    }
-
-    fn get(&self, key: &str) -> Result<&Stored, ParityError> {
-        self.tensors.get(key).ok_or_else(|| self.malformed(format!("missing input `{key}`")))
-    }
-
-    fn f32s(&self, key: &str) -> Result<Vec<f32>, ParityError> {
-        Ok(self.get(key)?.values.iter().map(|&v| v as f32).collect())
-    }
-
-    fn tensor<B: Backend, const D: usize>(&self, key: &str, device: &B::Device) -> Result<Tensor<B, D>, ParityError> {
-        let s = self.get(key)?;
-        Ok(Tensor::from_data(TensorData::new(self.f32s(key)?, s.shape.clone()), device))
-    }
-
-    fn scalar(&self, key: &str) -> Result<f64, ParityError> {
-        self.get(key)?.values.first().copied().ok_or_else(|| self.malformed(format!("`{key}` is empty")))
-    }
-
-    fn meta_f64(&self, pointer: &str) -> Result<f64, ParityError> {
-        self.meta
-            .pointer(pointer)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| self.malformed(format!("no number at {pointer}")))
-    }
-
-    fn meta_str(&self, pointer: &str) -> Result<&str, ParityError> {
-        self.meta
-            .pointer(pointer)
-            .and_then(Value::as_str)
-            .ok_or_else(|| self.malformed(format!("no string at {pointer}")))
-    }
-
-    /// The stored outputs: every tensor that is neither an input nor a stored weight.
-    fn outputs(&self) -> Vec<&str> {
-        let inputs: BTreeSet<&str> = self.meta["input_keys"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        self.tensors.keys().map(String::as_str).filter(|k| !k.starts_with("model.") && !inputs.contains(k)).collect()
-    }
 }
 
 /// What this port computed, under the fixture's key names.
@@ -246,44 +114,29 @@ impl Computed {
     }
 }
 
-/// The cases of a fixture directory: `(case, kind)` from its `index.json`.
-pub fn cases(dir: &Path) -> Result<Vec<(String, String)>, ParityError> {
-    let path = dir.join("index.json");
-    let index = read_json(&path)?;
-    let cases = index["cases"]
-        .as_array()
-        .ok_or_else(|| ParityError::Malformed { path: path.clone(), reason: "no `cases` list".into() })?;
-    cases
-        .iter()
-        .map(|c| match (c["case"].as_str(), c["kind"].as_str()) {
-            (Some(case), Some(kind)) => Ok((case.to_string(), kind.to_string())),
-            _ => Err(ParityError::Malformed { path: path.clone(), reason: format!("bad case entry {c}") }),
-        })
-        .collect()
+/// The kind of a case (`fid_inception_v3`, `fid_is_metrics`), from `dir/index.json`.
+fn kind_of(dir: &Path, case: &str) -> Result<String, ParityError> {
+    let index = dir.join("index.json");
+    let entry = index_cases(dir)?
+        .into_iter()
+        .find(|e| e.case == case)
+        .ok_or_else(|| FixtureError::malformed(&index, format!("no case `{case}`")))?;
+    Ok(entry.kind.ok_or_else(|| FixtureError::malformed(&index, format!("case `{case}` has no `kind`")))?)
 }
 
 /// Checks one case of `dir` (its kind from `index.json`); every stored
 /// output is recomputed and compared.
 pub fn check_case<B: Backend>(dir: &Path, case: &str, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
-    let kind = cases(dir)?
-        .into_iter()
-        .find(|(c, _)| c == case)
-        .map(|(_, k)| k)
-        .ok_or_else(|| ParityError::Malformed { path: dir.join("index.json"), reason: format!("no case `{case}`") })?;
+    let kind = kind_of(dir, case)?;
     let fixture = Fixture::read(dir, case)?;
     let mut rows = Vec::new();
     let computed = match kind.as_str() {
         "fid_inception_v3" => network::<B>(&fixture, &mut rows, device)?,
         "fid_is_metrics" => metrics(&fixture)?,
         other => {
-            rows.push(ParityRow {
-                case: case.to_string(),
-                group: "kind".into(),
-                tensors: 0,
-                max_abs: 0.0,
-                max_rel: 0.0,
-                status: Status::Fail(format!("unknown fixture kind `{other}`")),
-            });
+            let mut row = ParityRow::new(case, "kind");
+            row.fail(|| format!("unknown fixture kind `{other}`"));
+            rows.push(row);
             return Ok(rows);
         }
     };
@@ -291,11 +144,11 @@ pub fn check_case<B: Backend>(dir: &Path, case: &str, device: &B::Device) -> Res
     Ok(rows)
 }
 
-/// Checks every case of `dir`.
-pub fn check_all<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
+/// Checks every case listed in `dir/index.json`.
+pub fn check_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
     let mut rows = Vec::new();
-    for (case, _) in cases(dir)? {
-        rows.extend(check_case::<B>(dir, &case, device)?);
+    for entry in index_cases(dir)? {
+        rows.extend(check_case::<B>(dir, &entry.case, device)?);
     }
     Ok(rows)
 }
@@ -347,18 +200,10 @@ fn compare(
     tolerance: impl Fn(&str) -> Result<Tolerance, ParityError>,
 ) -> Result<Vec<ParityRow>, ParityError> {
     let mut groups: BTreeMap<String, ParityRow> = BTreeMap::new();
-    for key in fixture.outputs() {
+    for (key, reference) in fixture.outputs() {
         let group = group_of(key);
-        let row = groups.entry(group.clone()).or_insert_with(|| ParityRow {
-            case: fixture.case.clone(),
-            group,
-            tensors: 0,
-            max_abs: 0.0,
-            max_rel: 0.0,
-            status: Status::Pass,
-        });
+        let row = groups.entry(group.clone()).or_insert_with(|| ParityRow::new(&fixture.case, &group));
         row.tensors += 1;
-        let reference = &fixture.tensors[key];
         let failure = match computed.get(key) {
             None => Some(format!("`{key}` is not computed")),
             Some((shape, _)) if shape != reference.shape => {
@@ -368,7 +213,7 @@ fn compare(
                 let tol = tolerance(key)?;
                 let scale = reference.values.iter().fold(0f64, |m, v| m.max(v.abs()));
                 let mut worst: Option<(usize, f64)> = None;
-                let mut max_abs = 0f64;
+                let (mut max_abs, mut used) = (0f64, 0f64);
                 for (i, (p, r)) in values.iter().zip(&reference.values).enumerate() {
                     let d = (p - r).abs();
                     let d = if d.is_nan() { f64::INFINITY } else { d };
@@ -377,19 +222,20 @@ fn compare(
                         Tolerance::Elementwise { atol, rtol } => atol + rtol * r.abs(),
                         Tolerance::RelativeToMax { rtol } => rtol * scale,
                     };
+                    used = used.max(if d == 0.0 { 0.0 } else { d / bound });
                     if d > bound && worst.is_none_or(|(_, w)| d > w) {
                         worst = Some((i, d));
                     }
                 }
-                row.max_abs = row.max_abs.max(max_abs);
-                row.max_rel = row.max_rel.max(if scale > 0.0 { max_abs / scale } else { max_abs });
+                row.record(max_abs, if scale > 0.0 { max_abs / scale } else { max_abs });
+                row.tolerance_used = Some(row.tolerance_used.unwrap_or(0.0).max(used));
                 worst.map(|(i, d)| {
                     format!("`{key}`[{i}]: {} vs {} (|diff| {d:.3e}, {tol:?})", values[i], reference.values[i])
                 })
             }
         };
-        if let (Some(why), Status::Pass) = (failure, &row.status) {
-            row.status = Status::Fail(why);
+        if let Some(why) = failure {
+            row.fail(|| why);
         }
     }
     Ok(groups.into_values().collect())
@@ -400,13 +246,13 @@ fn compare(
 /// tensors; `None` when a regenerated tensor does not match its hash (the
 /// network is then not run, and its outputs fail as not computed).
 fn fixture_state_dict(fixture: &Fixture, rows: &mut Vec<ParityRow>) -> Result<Option<StateDict>, ParityError> {
-    let row = |group: &str, tensors: usize, failures: Vec<String>| ParityRow {
-        case: fixture.case.clone(),
-        group: group.to_string(),
-        tensors,
-        max_abs: 0.0,
-        max_rel: 0.0,
-        status: failures.into_iter().next().map_or(Status::Pass, Status::Fail),
+    let row = |group: &str, tensors: usize, failures: Vec<String>| {
+        let mut row = ParityRow::new(&fixture.case, group);
+        row.tensors = tensors;
+        if let Some(why) = failures.into_iter().next() {
+            row.fail(|| why);
+        }
+        row
     };
     let generator = &fixture.meta["weights"]["procedural_generator"];
     let base_seed = generator["base_seed"].as_u64().ok_or_else(|| fixture.malformed("no base_seed"))?;
@@ -531,11 +377,11 @@ fn network<B: Backend>(
         let name = run["name"].as_str().ok_or_else(|| fixture.malformed("a run without a name"))?.to_string();
         let input = run["input"].as_str().ok_or_else(|| fixture.malformed("a run without an input"))?;
         let images: Tensor<B, 4> = if input == "postproc.images01" {
-            let decoded = diffmoe_images01(fixture.tensor::<B, 4>("inputs.decoded", device)?);
+            let decoded = diffmoe_images01(fixture.float::<B, 4>("inputs.decoded", device)?);
             out.put("postproc.images01", decoded.clone());
             decoded
         } else {
-            fixture.tensor(input, device)?
+            fixture.float(input, device)?
         };
         let resized = resize_input(images); // [n, 3, 299, 299]
         let [n, c, h, w] = resized.dims();
@@ -658,28 +504,6 @@ fn metrics(fixture: &Fixture) -> Result<Computed, ParityError> {
     out.scalar("is.score", f32_score.score);
     out.scalar("is.score_f64", f64_score.score);
     Ok(out)
-}
-
-/// A table of the rows.
-pub fn format_report(rows: &[ParityRow]) -> String {
-    let mut out =
-        format!("{:<16} {:<16} {:>5} {:>11} {:>11}  {}\n", "case", "group", "n", "max abs", "max rel", "status");
-    for r in rows {
-        let status = match &r.status {
-            Status::Pass => "ok".to_string(),
-            Status::Fail(why) => format!("FAIL {why}"),
-        };
-        out.push_str(&format!(
-            "{:<16} {:<16} {:>5} {:>11.3e} {:>11.3e}  {}\n",
-            r.case, r.group, r.tensors, r.max_abs, r.max_rel, status
-        ));
-    }
-    out
-}
-
-/// Whether any row failed.
-pub fn any_failed(rows: &[ParityRow]) -> bool {
-    rows.iter().any(|r| matches!(r.status, Status::Fail(_)))
 }
 
 #[cfg(test)]

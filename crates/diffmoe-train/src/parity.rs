@@ -9,12 +9,13 @@
 //! a new kind of fixture can never pass silently.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use burn::tensor::{backend::AutodiffBackend, backend::Backend, ElementConversion, Int, Tensor, TensorData};
-use safetensors::tensor::Dtype;
-use safetensors::SafeTensors;
+use burn::tensor::{backend::AutodiffBackend, backend::Backend, ElementConversion, Int, Tensor};
 use serde_json::Value;
+
+pub use diffmoe_parity::{any_failed, format_report, ParityRow, Status};
+use diffmoe_parity::{index_cases, Fixture, FixtureError, Stored};
 
 use diffmoe_core::{LocalReplica, Routing, RoutingStats};
 use diffmoe_model::{
@@ -43,23 +44,9 @@ pub const RELATIVE_TOLERANCE: f64 = 1e-4;
 /// Why a parity run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ParityError {
-    /// A fixture file could not be read.
-    #[error("cannot read fixture file {path}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A fixture file is malformed.
-    #[error("fixture file {path} is malformed: {reason}")]
-    Malformed {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+    /// A fixture file could not be read, or lacks what a case needs.
+    #[error(transparent)]
+    Fixture(#[from] FixtureError),
     /// The fixture's model could not be built.
     #[error("case {case}: cannot build the model")]
     Model {
@@ -69,108 +56,6 @@ pub enum ParityError {
         #[source]
         source: Box<diffmoe_model::ImportError>,
     },
-}
-
-/// The outcome of one group of tensors.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Status {
-    /// Within tolerance (masks and counts exact).
-    Pass,
-    /// Outside tolerance or not computed; says which tensor and why.
-    Fail(String),
-    /// Not checked by this version of the port.
-    NotChecked(String),
-}
-
-/// One row of the report: a case and a group of tensors.
-#[derive(Debug, Clone)]
-pub struct ParityRow {
-    /// Case name.
-    pub case: String,
-    /// Tensor group (`train.out`, `train.moe`, `grad`, ...).
-    pub group: String,
-    /// Tensors compared.
-    pub tensors: usize,
-    /// Largest absolute error.
-    pub max_abs: f64,
-    /// Largest error relative to the reference's largest magnitude.
-    pub max_rel: f64,
-    /// Outcome.
-    pub status: Status,
-}
-
-/// A tensor of a fixture, values widened to f64.
-#[derive(Debug, Clone)]
-struct Stored {
-    shape: Vec<usize>,
-    values: Vec<f64>,
-    /// Stored as integers (labels, steps, counts): compared exactly.
-    integer: bool,
-}
-
-struct Fixture {
-    path: PathBuf,
-    meta: Value,
-    tensors: BTreeMap<String, Stored>,
-}
-
-fn read_json(path: &Path) -> Result<Value, ParityError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ParityError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|e| ParityError::Malformed { path: path.to_path_buf(), reason: e.to_string() })
-}
-
-impl Fixture {
-    fn read(dir: &Path, case: &str) -> Result<Self, ParityError> {
-        let meta = read_json(&dir.join(format!("{case}.json")))?;
-        let path = dir.join(format!("{case}.safetensors"));
-        let bytes = std::fs::read(&path).map_err(|source| ParityError::Io { path: path.clone(), source })?;
-        let bad = |reason: String| ParityError::Malformed { path: path.clone(), reason };
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        let mut tensors = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            let b = view.data();
-            let values: Vec<f64> = match view.dtype() {
-                Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-                Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
-                Dtype::I64 => {
-                    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect()
-                }
-                Dtype::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
-                Dtype::BOOL | Dtype::U8 => b.iter().map(|&v| v as f64).collect(),
-                other => return Err(bad(format!("tensor `{name}` has unsupported dtype {other:?}"))),
-            };
-            let integer = matches!(view.dtype(), Dtype::I64 | Dtype::I32 | Dtype::BOOL | Dtype::U8);
-            tensors.insert(name, Stored { shape: view.shape().to_vec(), values, integer });
-        }
-        Ok(Self { path, meta, tensors })
-    }
-
-    fn get(&self, key: &str) -> Result<&Stored, ParityError> {
-        self.tensors
-            .get(key)
-            .ok_or_else(|| ParityError::Malformed { path: self.path.clone(), reason: format!("missing input `{key}`") })
-    }
-
-    fn float<B: Backend, const D: usize>(&self, key: &str, device: &B::Device) -> Result<Tensor<B, D>, ParityError> {
-        let s = self.get(key)?;
-        let data: Vec<f32> = s.values.iter().map(|&v| v as f32).collect();
-        Ok(Tensor::from_data(TensorData::new(data, s.shape.clone()), device))
-    }
-
-    fn int<B: Backend>(&self, key: &str, device: &B::Device) -> Result<Tensor<B, 1, Int>, ParityError> {
-        let s = self.get(key)?;
-        let data: Vec<i64> = s.values.iter().map(|&v| v as i64).collect();
-        Ok(Tensor::from_data(TensorData::new(data, [s.values.len()]), device))
-    }
-
-    fn steps(&self, key: &str) -> Result<Vec<usize>, ParityError> {
-        Ok(self.get(key)?.values.iter().map(|&v| v as usize).collect())
-    }
-
-    fn is_input(&self, key: &str) -> bool {
-        key.starts_with("model.")
-            || self.meta["input_keys"].as_array().is_some_and(|a| a.iter().any(|k| k.as_str() == Some(key)))
-    }
 }
 
 /// What this port computed for a case, under the fixture's key names.
@@ -332,7 +217,7 @@ fn compute_model_case<B: AutodiffBackend>(
     fx: &Fixture,
     device: &B::Device,
 ) -> Result<Computed, ParityError> {
-    let malformed = |reason: String| ParityError::Malformed { path: fx.path.clone(), reason };
+    let malformed = |reason: String| ParityError::from(fx.malformed(reason));
     let family = family_of(case, &fx.meta).ok_or_else(|| malformed("unknown `family`".into()))?;
     let kwargs = &fx.meta["config"]["constructor_kwargs"];
     let config = DiTConfig::from_official_kwargs(family, kwargs)
@@ -378,7 +263,7 @@ fn compute_model_case<B: AutodiffBackend>(
     };
     let grads = if fx.tensors.contains_key("ddpm.x_start") {
         let schedule = DdpmSchedule::linear(crate::ddpm::DDPM_STEPS);
-        let steps = fx.steps("ddpm.t")?;
+        let steps = fx.indices("ddpm.t")?;
         let terms = schedule.training_loss(
             &model,
             fx.float("ddpm.x_start", device)?,
@@ -443,7 +328,7 @@ fn compute_flow_sampling<B: Backend>(
     if runs.is_empty() {
         return Ok(());
     }
-    let malformed = |reason: &str| ParityError::Malformed { path: fx.path.clone(), reason: reason.to_string() };
+    let malformed = |reason: &str| ParityError::from(fx.malformed(reason));
     let steps = fx.meta["sample_steps"].as_u64().ok_or_else(|| malformed("missing `sample_steps`"))? as usize;
     for run in runs {
         let solver = if run.contains("euler") {
@@ -490,7 +375,7 @@ fn compute_ddpm_sampling<B: Backend>(
     if runs.is_empty() {
         return Ok(());
     }
-    let malformed = |reason: String| ParityError::Malformed { path: fx.path.clone(), reason };
+    let malformed = |reason: String| ParityError::from(fx.malformed(reason));
     let respacing = fx.meta["ddpm_respacing"].as_str().ok_or_else(|| malformed("missing `ddpm_respacing`".into()))?;
     let base = DdpmSchedule::linear(crate::ddpm::DDPM_STEPS);
     let spaced =
@@ -553,10 +438,7 @@ fn compute_embeddings<B: Backend>(fx: &Fixture, device: &B::Device) -> Result<Co
     let mut c = Computed::default();
     for (key, stored) in &fx.tensors {
         if let Some(spec) = key.strip_prefix("pos_embed.d") {
-            let (d, g) = spec.split_once("_g").ok_or_else(|| ParityError::Malformed {
-                path: fx.path.clone(),
-                reason: format!("cannot parse `{key}`"),
-            })?;
+            let (d, g) = spec.split_once("_g").ok_or_else(|| fx.malformed(format!("cannot parse `{key}`")))?;
             let (d, g): (usize, usize) = (d.parse().unwrap_or(0), g.parse().unwrap_or(0));
             c.tensors.insert(key.clone(), HostTensor { shape: stored.shape.clone(), data: sincos_pos_embed_2d(d, g) });
         } else if let Some(dim) = key.strip_prefix("timestep_embedding.d") {
@@ -637,21 +519,14 @@ pub fn check_case<B: AutodiffBackend>(
             continue;
         }
         let group = group_of(key);
-        let row = groups.entry(group.clone()).or_insert_with(|| ParityRow {
-            case: case.to_string(),
-            group: group.clone(),
-            tensors: 0,
-            max_abs: 0.0,
-            max_rel: 0.0,
-            status: Status::Pass,
-        });
+        let row = groups.entry(group.clone()).or_insert_with(|| ParityRow::new(case, &group));
+        row.tensors += 1;
         let Some(ours) = computed.tensors.get(key) else {
-            row.status = Status::Fail(format!("`{key}` is not computed"));
+            row.fail(|| format!("`{key}` is not computed"));
             continue;
         };
-        row.tensors += 1;
         if ours.data.len() != stored.values.len() || (ours.shape != stored.shape && !ours.shape.is_empty()) {
-            row.status = Status::Fail(format!("`{key}`: shape {:?}, expected {:?}", ours.shape, stored.shape));
+            row.fail(|| format!("`{key}`: shape {:?}, expected {:?}", ours.shape, stored.shape));
             continue;
         }
         let (abs, rel) = if per_step(key) {
@@ -659,11 +534,10 @@ pub fn check_case<B: AutodiffBackend>(
         } else {
             compare(&ours.data, &stored.values, 0.0)
         };
-        row.max_abs = row.max_abs.max(abs);
-        row.max_rel = row.max_rel.max(rel);
+        row.record(abs, rel);
         let ok = if exact(key) || stored.integer { abs == 0.0 } else { rel <= RELATIVE_TOLERANCE };
-        if !ok && matches!(row.status, Status::Pass) {
-            row.status = Status::Fail(format!("`{key}`: max abs {abs:.3e}, rel {rel:.3e}"));
+        if !ok {
+            row.fail(|| format!("`{key}`: max abs {abs:.3e}, rel {rel:.3e}"));
         }
     }
     Ok(groups.into_values().collect())
@@ -671,40 +545,9 @@ pub fn check_case<B: AutodiffBackend>(
 
 /// Checks every case listed in `dir/index.json`.
 pub fn check_dir<B: AutodiffBackend>(dir: &Path, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
-    let index = read_json(&dir.join("index.json"))?;
-    let cases = index["cases"]
-        .as_array()
-        .ok_or_else(|| ParityError::Malformed { path: dir.join("index.json"), reason: "no `cases` array".into() })?;
     let mut rows = Vec::new();
-    for case in cases {
-        let name = case["case"].as_str().ok_or_else(|| ParityError::Malformed {
-            path: dir.join("index.json"),
-            reason: "a case without a `case` name".into(),
-        })?;
-        rows.extend(check_case::<B>(dir, name, device)?);
+    for entry in index_cases(dir)? {
+        rows.extend(check_case::<B>(dir, &entry.case, device)?);
     }
     Ok(rows)
-}
-
-/// The report as a table, one row per case and group.
-pub fn format_report(rows: &[ParityRow]) -> String {
-    let mut out =
-        format!("{:<28} {:<20} {:>5} {:>11} {:>11}  {}\n", "case", "group", "n", "max abs", "max rel", "status");
-    for r in rows {
-        let status = match &r.status {
-            Status::Pass => "ok".to_string(),
-            Status::Fail(why) => format!("FAIL {why}"),
-            Status::NotChecked(why) => format!("not checked ({why})"),
-        };
-        out.push_str(&format!(
-            "{:<28} {:<20} {:>5} {:>11.3e} {:>11.3e}  {}\n",
-            r.case, r.group, r.tensors, r.max_abs, r.max_rel, status
-        ));
-    }
-    out
-}
-
-/// Whether any row failed.
-pub fn any_failed(rows: &[ParityRow]) -> bool {
-    rows.iter().any(|r| matches!(r.status, Status::Fail(_)))
 }

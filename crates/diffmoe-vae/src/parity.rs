@@ -11,10 +11,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
-use safetensors::tensor::Dtype;
-use safetensors::SafeTensors;
+use burn::tensor::{backend::Backend, Tensor};
 use serde_json::Value;
+
+pub use diffmoe_parity::{any_failed, format_report, ParityRow, Status};
+use diffmoe_parity::{index_cases, read_json, Fixture, FixtureError};
 
 use crate::activations::Activations;
 use crate::autoencoder::{from_diffusion_scale, to_diffusion_scale};
@@ -37,41 +38,9 @@ pub const DEFAULT_ATOL: f64 = 1e-4;
 /// Why a parity run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ParityError {
-    /// A fixture file could not be read.
-    #[error("cannot read fixture file {path}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A fixture manifest is not JSON.
-    #[error("fixture manifest {path} is not valid JSON")]
-    Json {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// A fixture's tensors are not valid safetensors.
-    #[error("fixture tensors {path} are not valid safetensors")]
-    Safetensors {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: safetensors::SafeTensorError,
-    },
-    /// A fixture lacks something this checker needs.
-    #[error("fixture {path} is malformed: {reason}")]
-    Malformed {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+    /// A fixture file could not be read, or lacks what a case needs.
+    #[error(transparent)]
+    Fixture(#[from] FixtureError),
     /// The fixture's constructor arguments cannot be built.
     #[error("fixture {path}: unusable constructor arguments")]
     Config {
@@ -92,66 +61,6 @@ pub enum ParityError {
     },
 }
 
-/// The outcome of one group.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Status {
-    /// Every item within tolerance.
-    Pass,
-    /// The first item outside tolerance or not computed, and why.
-    Fail(String),
-}
-
-/// One row of the report: a case and a group of tensors or checks.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParityRow {
-    /// Case name.
-    pub case: String,
-    /// Group (`encode`, `encode.act`, `decode`, `keys.ldm_original`, ...).
-    pub group: String,
-    /// Tensors (or keys, for architecture checks) compared.
-    pub tensors: usize,
-    /// Largest absolute error.
-    pub max_abs: f64,
-    /// Largest absolute error of a tensor over that tensor's largest reference magnitude.
-    pub max_rel: f64,
-    /// Largest `|ours - ref| / (atol + rtol * |ref|)`: at most 1 passes.
-    pub max_ratio: f64,
-    /// Outcome.
-    pub status: Status,
-}
-
-impl ParityRow {
-    fn new(case: &str, group: &str) -> Self {
-        Self {
-            case: case.into(),
-            group: group.into(),
-            tensors: 0,
-            max_abs: 0.0,
-            max_rel: 0.0,
-            max_ratio: 0.0,
-            status: Status::Pass,
-        }
-    }
-
-    fn fail(&mut self, why: impl FnOnce() -> String) {
-        if self.status == Status::Pass {
-            self.status = Status::Fail(why());
-        }
-    }
-
-    /// A row of exact checks: each `(item, ok)` counts once.
-    fn checks(case: &str, group: &str, items: impl IntoIterator<Item = (String, bool)>) -> Self {
-        let mut row = Self::new(case, group);
-        for (item, ok) in items {
-            row.tensors += 1;
-            if !ok {
-                row.fail(|| item);
-            }
-        }
-        row
-    }
-}
-
 /// The elementwise tolerance `|ours - ref| <= atol + rtol * |ref|`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tolerance {
@@ -169,33 +78,6 @@ impl Tolerance {
     }
 }
 
-fn read_json(path: &Path) -> Result<Value, ParityError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ParityError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| ParityError::Json { path: path.to_path_buf(), source })
-}
-
-fn read_tensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, ParityError> {
-    let bytes = std::fs::read(path).map_err(|source| ParityError::Io { path: path.to_path_buf(), source })?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|source| ParityError::Safetensors { path: path.to_path_buf(), source })?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let data = match view.dtype() {
-            Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16 => {
-                crate::weights::to_f32(view.dtype(), view.data()).expect("float dtypes convert")
-            }
-            other => {
-                return Err(ParityError::Malformed {
-                    path: path.to_path_buf(),
-                    reason: format!("tensor `{name}` has dtype {other:?}, expected a float"),
-                })
-            }
-        };
-        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
-    }
-    Ok(out)
-}
-
 /// Compares one case of `dir`; one row per group of outputs.
 pub fn check_case<B: Backend>(dir: &Path, case: &str, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
     let path = dir.join(format!("{case}.json"));
@@ -206,46 +88,17 @@ pub fn check_case<B: Backend>(dir: &Path, case: &str, device: &B::Device) -> Res
     } else if format.starts_with("SD VAE architecture") {
         architecture_case::<B>(case, &path, &meta, device)
     } else {
-        Err(ParityError::Malformed { path, reason: format!("unknown fixture format {:?}", meta["format"]) })
+        Err(FixtureError::malformed(path, format!("unknown fixture format {:?}", meta["format"])).into())
     }
 }
 
 /// Checks every case listed in `dir/index.json`.
 pub fn check_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
-    let index_path = dir.join("index.json");
-    let index = read_json(&index_path)?;
-    let malformed = |reason: &str| ParityError::Malformed { path: index_path.clone(), reason: reason.into() };
-    let cases = index["cases"].as_array().ok_or_else(|| malformed("no `cases` array"))?;
     let mut rows = Vec::new();
-    for case in cases {
-        let name = case["case"].as_str().ok_or_else(|| malformed("a case without a `case` name"))?;
-        rows.extend(check_case::<B>(dir, name, device)?);
+    for entry in index_cases(dir)? {
+        rows.extend(check_case::<B>(dir, &entry.case, device)?);
     }
     Ok(rows)
-}
-
-/// The report as a table, one row per case and group.
-pub fn format_report(rows: &[ParityRow]) -> String {
-    let mut out = format!(
-        "{:<28} {:<34} {:>5} {:>10} {:>10} {:>9}  {}\n",
-        "case", "group", "n", "max abs", "max rel", "tol used", "status"
-    );
-    for r in rows {
-        let status = match &r.status {
-            Status::Pass => "ok".to_string(),
-            Status::Fail(why) => format!("FAIL {why}"),
-        };
-        out.push_str(&format!(
-            "{:<28} {:<34} {:>5} {:>10.3e} {:>10.3e} {:>9.3}  {}\n",
-            r.case, r.group, r.tensors, r.max_abs, r.max_rel, r.max_ratio, status
-        ));
-    }
-    out
-}
-
-/// Whether any row failed.
-pub fn any_failed(rows: &[ParityRow]) -> bool {
-    rows.iter().any(|r| matches!(r.status, Status::Fail(_)))
 }
 
 /// The report group of an output key: its first segment, plus `.act` for
@@ -296,21 +149,28 @@ fn autoencoder_case<B: Backend>(
     meta: &Value,
     device: &B::Device,
 ) -> Result<Vec<ParityRow>, ParityError> {
-    let fixture = read_tensors(&dir.join(format!("{case}.safetensors")))?;
+    let fixture = Fixture::read(dir, case)?;
     let config = AutoencoderKlConfig::from_constructor_kwargs(&meta["config"]["constructor_kwargs"])
         .map_err(|source| ParityError::Config { path: manifest.to_path_buf(), source })?;
     let weights: TensorMap = fixture
+        .tensors
         .iter()
-        .filter_map(|(k, t)| k.strip_prefix("model.").map(|name| (name.to_string(), t.clone())))
+        .filter_map(|(k, t)| {
+            k.strip_prefix("model.")
+                .map(|name| (name.to_string(), HostTensor { shape: t.shape.clone(), data: t.f32s() }))
+        })
         .collect();
     let model = load_tensor_map::<B>(&config, weights, device)
         .map_err(|source| ParityError::Load { case: case.into(), source: Box::new(source) })?;
-    let input = |key: &str| {
-        fixture.get(key).map(|t| Tensor::<B, 4>::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device))
+    let input = |key: &str| -> Result<Option<Tensor<B, 4>>, ParityError> {
+        match fixture.tensors.contains_key(key) {
+            true => Ok(Some(fixture.float::<B, 4>(key, device)?)),
+            false => Ok(None),
+        }
     };
     let mut c = Computed::<B> { tensors: BTreeMap::new(), _backend: std::marker::PhantomData };
 
-    if let Some(x) = input("inputs.x") {
+    if let Some(x) = input("inputs.x")? {
         let mut acts = Activations::new();
         let moments = model.encode_recorded(x, &mut acts);
         c.activations("encode", acts);
@@ -318,21 +178,21 @@ fn autoencoder_case<B: Backend>(
         let dist = DiagonalGaussian::from_moments(moments);
         c.posterior("encode", &dist);
         c.put("recon.mode", model.decode(dist.mode()));
-        if let Some(noise) = input("inputs.noise") {
+        if let Some(noise) = input("inputs.noise")? {
             let sample = dist.sample(noise);
             c.put("encode.sample", sample.clone());
             c.put("encode.latents_scaled", to_diffusion_scale(sample.clone()));
             c.put("recon.sample", model.decode(sample));
         }
     }
-    if let Some(x) = input("inputs.x_odd") {
+    if let Some(x) = input("inputs.x_odd")? {
         let mut acts = Activations::new();
         let moments = model.encode_recorded(x, &mut acts);
         c.activations("encode_odd", acts);
         c.put("encode_odd.moments", moments.clone());
         c.posterior("encode_odd", &DiagonalGaussian::from_moments(moments));
     }
-    if let Some(z_scaled) = input("inputs.z_scaled") {
+    if let Some(z_scaled) = input("inputs.z_scaled")? {
         let z = from_diffusion_scale(z_scaled);
         c.put("decode.z", z.clone());
         let mut acts = Activations::new();
@@ -340,17 +200,17 @@ fn autoencoder_case<B: Backend>(
         c.activations("decode", acts);
         c.put("decode.out", out);
     }
-    if let Some(moments) = input("inputs.dist_moments") {
+    if let Some(moments) = input("inputs.dist_moments")? {
         let dist = DiagonalGaussian::from_moments(moments);
         c.posterior("dist", &dist);
-        if let Some(noise) = input("inputs.dist_noise") {
+        if let Some(noise) = input("inputs.dist_noise")? {
             c.put("dist.sample", dist.sample(noise));
         }
     }
 
     let tol = Tolerance::of(meta);
     let mut groups: BTreeMap<String, ParityRow> = BTreeMap::new();
-    for (key, reference) in &fixture {
+    for (key, reference) in &fixture.tensors {
         if key.starts_with("model.") || key.starts_with("inputs.") {
             continue;
         }
@@ -365,10 +225,9 @@ fn autoencoder_case<B: Backend>(
             row.fail(|| format!("`{key}`: shape {:?}, expected {:?}", ours.shape, reference.shape));
             continue;
         }
-        let (abs, rel, ratio) = compare(&ours.data, &reference.data, tol);
-        row.max_abs = row.max_abs.max(abs);
-        row.max_rel = row.max_rel.max(rel);
-        row.max_ratio = row.max_ratio.max(ratio);
+        let (abs, rel, ratio) = compare(&ours.data, &reference.values, tol);
+        row.record(abs, rel);
+        row.tolerance_used = Some(row.tolerance_used.unwrap_or(0.0).max(ratio));
         if ratio > 1.0 || ratio.is_nan() {
             row.fail(|| format!("`{key}`: max abs {abs:.3e}, {ratio:.2}x the tolerance"));
         }
@@ -379,12 +238,12 @@ fn autoencoder_case<B: Backend>(
 /// Largest absolute error, that error over the reference's largest
 /// magnitude, and the largest error over its elementwise tolerance. A NaN on
 /// either side counts as an infinite error.
-fn compare(ours: &[f32], reference: &[f32], tol: Tolerance) -> (f64, f64, f64) {
+fn compare(ours: &[f32], reference: &[f64], tol: Tolerance) -> (f64, f64, f64) {
     let mut abs = 0.0f64;
     let mut ratio = 0.0f64;
     let mut scale = 0.0f64;
     for (&a, &r) in ours.iter().zip(reference) {
-        let (a, r) = (a as f64, r as f64);
+        let a = f64::from(a);
         let d = if a.is_nan() || r.is_nan() {
             f64::INFINITY
         } else if a == r {
@@ -440,7 +299,7 @@ fn architecture_case<B: Backend>(
     meta: &Value,
     device: &B::Device,
 ) -> Result<Vec<ParityRow>, ParityError> {
-    let malformed = |reason: String| ParityError::Malformed { path: manifest.to_path_buf(), reason };
+    let malformed = |reason: String| ParityError::from(FixtureError::malformed(manifest, reason));
     let config_of = |v: &Value| {
         AutoencoderKlConfig::from_constructor_kwargs(v)
             .map_err(|source| ParityError::Config { path: manifest.to_path_buf(), source })
@@ -615,7 +474,7 @@ mod tests {
         assert!(ratio > 1.0 && (abs - 1.5e-4).abs() < 1e-9, "{ratio}");
         let (_, _, ratio) = compare(&[f32::NAN], &[0.0], tol);
         assert!(ratio.is_infinite());
-        let (abs, _, _) = compare(&[f32::INFINITY], &[f32::INFINITY], tol);
+        let (abs, _, _) = compare(&[f32::INFINITY], &[f64::INFINITY], tol);
         assert_eq!(abs, 0.0);
     }
 }
