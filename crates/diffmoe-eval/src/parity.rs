@@ -255,7 +255,7 @@ fn fixture_state_dict(fixture: &Fixture, rows: &mut Vec<ParityRow>) -> Result<Op
         row
     };
     let generator = &fixture.meta["weights"]["procedural_generator"];
-    let base_seed = generator["base_seed"].as_u64().ok_or_else(|| fixture.malformed("no base_seed"))?;
+    let base_seed = generator["base_seed"].as_u64().ok_or_else(|| fixture.manifest_error("no base_seed"))?;
 
     // The generator's self-test.
     let mut failures = Vec::new();
@@ -285,14 +285,14 @@ fn fixture_state_dict(fixture: &Fixture, rows: &mut Vec<ParityRow>) -> Result<Op
     let mut tensors = BTreeMap::new();
     let procedural = fixture.meta["weights"]["procedural_tensors"]
         .as_object()
-        .ok_or_else(|| fixture.malformed("no weights.procedural_tensors"))?;
+        .ok_or_else(|| fixture.manifest_error("no weights.procedural_tensors"))?;
     for (key, spec) in procedural {
         let shape: Vec<usize> = spec["shape"]
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_u64).map(|d| d as usize).collect())
-            .ok_or_else(|| fixture.malformed(format!("no shape for `{key}`")))?;
+            .ok_or_else(|| fixture.manifest_error(format!("no shape for `{key}`")))?;
         let scale =
-            spec["scale_log2"].as_i64().ok_or_else(|| fixture.malformed(format!("no scale for `{key}`")))? as i32;
+            spec["scale_log2"].as_i64().ok_or_else(|| fixture.manifest_error(format!("no scale for `{key}`")))? as i32;
         let fan_in: usize = shape[1..].iter().product();
         let rule = if key == "fc.weight" { FC_SCALE_LOG2 } else { conv_scale_log2(fan_in) };
         if rule != scale || spec["fan_in"].as_u64() != Some(fan_in as u64) {
@@ -370,12 +370,12 @@ fn network<B: Backend>(
     drop(state_dict);
 
     let mut out = Computed::default();
-    let runs = fixture.meta["runs"].as_array().cloned().ok_or_else(|| fixture.malformed("no `runs`"))?;
+    let runs = fixture.meta["runs"].as_array().cloned().ok_or_else(|| fixture.manifest_error("no `runs`"))?;
     let mut batch = Vec::new();
     let mut spans = Vec::new();
     for run in &runs {
-        let name = run["name"].as_str().ok_or_else(|| fixture.malformed("a run without a name"))?.to_string();
-        let input = run["input"].as_str().ok_or_else(|| fixture.malformed("a run without an input"))?;
+        let name = run["name"].as_str().ok_or_else(|| fixture.manifest_error("a run without a name"))?.to_string();
+        let input = run["input"].as_str().ok_or_else(|| fixture.manifest_error("a run without an input"))?;
         let images: Tensor<B, 4> = if input == "postproc.images01" {
             let decoded = diffmoe_images01(fixture.float::<B, 4>("inputs.decoded", device)?);
             out.put("postproc.images01", decoded.clone());

@@ -33,7 +33,9 @@ impl Stored {
 pub struct Fixture {
     /// The case name.
     pub case: String,
-    /// The tensors' file, named by errors about them.
+    /// `<case>.json`, named by errors about the manifest.
+    pub manifest: PathBuf,
+    /// `<case>.safetensors`, named by errors about the tensors.
     pub path: PathBuf,
     /// The manifest.
     pub meta: Value,
@@ -93,7 +95,8 @@ fn widened(dtype: Dtype, b: &[u8]) -> Option<Vec<f64>> {
 impl Fixture {
     /// Reads `dir/<case>.json` and `dir/<case>.safetensors`.
     pub fn read(dir: &Path, case: &str) -> Result<Self, FixtureError> {
-        let meta = read_json(&dir.join(format!("{case}.json")))?;
+        let manifest = dir.join(format!("{case}.json"));
+        let meta = read_json(&manifest)?;
         let path = dir.join(format!("{case}.safetensors"));
         let bytes = std::fs::read(&path).map_err(|source| FixtureError::Io { path: path.clone(), source })?;
         let st = SafeTensors::deserialize(&bytes)
@@ -106,17 +109,22 @@ impl Fixture {
             let integer = matches!(view.dtype(), Dtype::I64 | Dtype::I32 | Dtype::BOOL | Dtype::U8);
             tensors.insert(name, Stored { shape: view.shape().to_vec(), values, integer });
         }
-        Ok(Self { case: case.to_string(), path, meta, tensors })
+        Ok(Self { case: case.to_string(), manifest, path, meta, tensors })
     }
 
-    /// A [`FixtureError::Malformed`] naming this case's tensors file.
-    pub fn malformed(&self, reason: impl Into<String>) -> FixtureError {
+    /// A [`FixtureError::Malformed`] naming the manifest.
+    pub fn manifest_error(&self, reason: impl Into<String>) -> FixtureError {
+        FixtureError::malformed(&self.manifest, reason)
+    }
+
+    /// A [`FixtureError::Malformed`] naming the tensors file.
+    pub fn tensors_error(&self, reason: impl Into<String>) -> FixtureError {
         FixtureError::malformed(&self.path, reason)
     }
 
     /// A stored tensor; an error names a missing one.
     pub fn get(&self, key: &str) -> Result<&Stored, FixtureError> {
-        self.tensors.get(key).ok_or_else(|| self.malformed(format!("missing tensor `{key}`")))
+        self.tensors.get(key).ok_or_else(|| self.tensors_error(format!("missing tensor `{key}`")))
     }
 
     /// A stored tensor's values as f32.
@@ -126,7 +134,7 @@ impl Fixture {
 
     /// The first value of a stored tensor (a scalar).
     pub fn scalar(&self, key: &str) -> Result<f64, FixtureError> {
-        self.get(key)?.values.first().copied().ok_or_else(|| self.malformed(format!("`{key}` is empty")))
+        self.get(key)?.values.first().copied().ok_or_else(|| self.tensors_error(format!("`{key}` is empty")))
     }
 
     /// A stored tensor as integers (steps, counts).
@@ -142,7 +150,7 @@ impl Fixture {
     ) -> Result<Tensor<B, D>, FixtureError> {
         let s = self.get(key)?;
         if s.shape.len() != D {
-            return Err(self.malformed(format!("`{key}` has shape {:?}, expected rank {D}", s.shape)));
+            return Err(self.tensors_error(format!("`{key}` has shape {:?}, expected rank {D}", s.shape)));
         }
         Ok(Tensor::from_data(TensorData::new(s.f32s(), s.shape.clone()), device))
     }
@@ -159,7 +167,7 @@ impl Fixture {
         self.meta
             .pointer(pointer)
             .and_then(Value::as_f64)
-            .ok_or_else(|| self.malformed(format!("no number at {pointer}")))
+            .ok_or_else(|| self.manifest_error(format!("no number at {pointer}")))
     }
 
     /// A string of the manifest at a JSON pointer.
@@ -167,7 +175,7 @@ impl Fixture {
         self.meta
             .pointer(pointer)
             .and_then(Value::as_str)
-            .ok_or_else(|| self.malformed(format!("no string at {pointer}")))
+            .ok_or_else(|| self.manifest_error(format!("no string at {pointer}")))
     }
 
     /// Whether `key` is an input: a `model.*` weight or one of the manifest's `input_keys`.
@@ -255,9 +263,9 @@ mod tests {
         let err = fx.float::<Flex, 1>("x", &device).unwrap_err().to_string();
         assert!(err.contains("c.safetensors") && err.contains("expected rank 1"), "{err}");
         let err = fx.get("nope").unwrap_err().to_string();
-        assert!(err.contains("missing tensor `nope`"), "{err}");
+        assert!(err.contains("c.safetensors") && err.contains("missing tensor `nope`"), "{err}");
         let err = fx.meta_f64("/family").unwrap_err().to_string();
-        assert!(err.contains("no number at /family"), "{err}");
+        assert!(err.contains("c.json") && err.contains("no number at /family"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

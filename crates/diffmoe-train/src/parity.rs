@@ -217,7 +217,7 @@ fn compute_model_case<B: AutodiffBackend>(
     fx: &Fixture,
     device: &B::Device,
 ) -> Result<Computed, ParityError> {
-    let malformed = |reason: String| ParityError::from(fx.malformed(reason));
+    let malformed = |reason: String| ParityError::from(fx.manifest_error(reason));
     let family = family_of(case, &fx.meta).ok_or_else(|| malformed("unknown `family`".into()))?;
     let kwargs = &fx.meta["config"]["constructor_kwargs"];
     let config = DiTConfig::from_official_kwargs(family, kwargs)
@@ -328,7 +328,7 @@ fn compute_flow_sampling<B: Backend>(
     if runs.is_empty() {
         return Ok(());
     }
-    let malformed = |reason: &str| ParityError::from(fx.malformed(reason));
+    let malformed = |reason: &str| ParityError::from(fx.manifest_error(reason));
     let steps = fx.meta["sample_steps"].as_u64().ok_or_else(|| malformed("missing `sample_steps`"))? as usize;
     for run in runs {
         let solver = if run.contains("euler") {
@@ -375,7 +375,7 @@ fn compute_ddpm_sampling<B: Backend>(
     if runs.is_empty() {
         return Ok(());
     }
-    let malformed = |reason: String| ParityError::from(fx.malformed(reason));
+    let malformed = |reason: String| ParityError::from(fx.manifest_error(reason));
     let respacing = fx.meta["ddpm_respacing"].as_str().ok_or_else(|| malformed("missing `ddpm_respacing`".into()))?;
     let base = DdpmSchedule::linear(crate::ddpm::DDPM_STEPS);
     let spaced =
@@ -438,7 +438,7 @@ fn compute_embeddings<B: Backend>(fx: &Fixture, device: &B::Device) -> Result<Co
     let mut c = Computed::default();
     for (key, stored) in &fx.tensors {
         if let Some(spec) = key.strip_prefix("pos_embed.d") {
-            let (d, g) = spec.split_once("_g").ok_or_else(|| fx.malformed(format!("cannot parse `{key}`")))?;
+            let (d, g) = spec.split_once("_g").ok_or_else(|| fx.tensors_error(format!("cannot parse `{key}`")))?;
             let (d, g): (usize, usize) = (d.parse().unwrap_or(0), g.parse().unwrap_or(0));
             c.tensors.insert(key.clone(), HostTensor { shape: stored.shape.clone(), data: sincos_pos_embed_2d(d, g) });
         } else if let Some(dim) = key.strip_prefix("timestep_embedding.d") {
