@@ -91,7 +91,7 @@ pub fn load_safetensors<B: Backend>(
 }
 
 /// Little-endian float bytes to f32 values; `None` for other dtypes.
-pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Dtype::F64 => {
