@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use diffmoe_model::{HostTensor, StateDict};
 pub use diffmoe_parity::{any_failed, format_report, ParityRow, Status};
-use diffmoe_parity::{index_cases, Fixture, FixtureError};
+use diffmoe_parity::{check_index, index_cases, Fixture, FixtureError};
 
 use crate::frechet::{
     frechet_distance, FeatureStatistics, MeanPrecision, SqrtmOffset, StatisticsError, PYTORCH_FID_EPS,
@@ -146,11 +146,7 @@ pub fn check_case<B: Backend>(dir: &Path, case: &str, device: &B::Device) -> Res
 
 /// Checks every case listed in `dir/index.json`.
 pub fn check_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
-    let mut rows = Vec::new();
-    for entry in index_cases(dir)? {
-        rows.extend(check_case::<B>(dir, &entry.case, device)?);
-    }
-    Ok(rows)
+    check_index(dir, |case| check_case::<B>(dir, case, device))
 }
 
 /// The comparison rule of an output.

@@ -1,6 +1,6 @@
 //! One case of a fixture directory: its JSON manifest and its tensors.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -8,6 +8,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use crate::error::FixtureError;
+use crate::report::ParityRow;
 
 /// A tensor of a fixture, values widened to f64 (exact for every stored dtype).
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +73,19 @@ pub fn index_cases(dir: &Path) -> Result<Vec<IndexEntry>, FixtureError> {
             Ok(IndexEntry { case: case.to_string(), kind: entry["kind"].as_str().map(str::to_string) })
         })
         .collect()
+}
+
+/// Runs `check` on every case `dir/index.json` lists, in its order, and
+/// joins their rows: the `check_dir` of every checker.
+pub fn check_index<E: From<FixtureError>>(
+    dir: &Path,
+    mut check: impl FnMut(&str) -> Result<Vec<ParityRow>, E>,
+) -> Result<Vec<ParityRow>, E> {
+    let mut rows = Vec::new();
+    for entry in index_cases(dir)? {
+        rows.extend(check(&entry.case)?);
+    }
+    Ok(rows)
 }
 
 /// The values of a safetensors view, widened to f64; `None` for a dtype
@@ -179,21 +193,14 @@ impl Fixture {
     }
 
     /// Whether `key` is an input: a `model.*` weight or one of the manifest's `input_keys`.
-    pub fn is_input(&self, key: &str) -> bool {
+    fn is_input(&self, key: &str) -> bool {
         key.starts_with("model.")
             || self.meta["input_keys"].as_array().is_some_and(|a| a.iter().any(|k| k.as_str() == Some(key)))
     }
 
     /// The reference outputs: every stored tensor that is not an input.
     pub fn outputs(&self) -> impl Iterator<Item = (&str, &Stored)> {
-        let inputs: BTreeSet<&str> = self.meta["input_keys"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        self.tensors
-            .iter()
-            .filter(move |(k, _)| !k.starts_with("model.") && !inputs.contains(k.as_str()))
-            .map(|(k, s)| (k.as_str(), s))
+        self.tensors.iter().filter(|(k, _)| !self.is_input(k)).map(|(k, s)| (k.as_str(), s))
     }
 }
 
@@ -305,6 +312,13 @@ mod tests {
                 IndexEntry { case: "a".into(), kind: None },
             ]
         );
+        let rows = check_index(&dir, |case| Ok::<_, FixtureError>(vec![ParityRow::new(case, "g")])).unwrap();
+        assert_eq!(rows.iter().map(|r| r.case.as_str()).collect::<Vec<_>>(), vec!["b", "a"]);
+        let failing = check_index(&dir, |case| match case {
+            "a" => Err(FixtureError::malformed(dir.join("a.json"), "bad")),
+            _ => Ok(vec![]),
+        });
+        assert!(failing.unwrap_err().to_string().contains("a.json"));
         std::fs::write(dir.join("index.json"), r#"{"cases": [{"kind": "x"}]}"#).unwrap();
         let err = index_cases(&dir).unwrap_err().to_string();
         assert!(err.contains("index.json") && err.contains("without a `case` name"), "{err}");

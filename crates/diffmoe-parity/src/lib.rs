@@ -16,5 +16,5 @@ mod fixture;
 mod report;
 
 pub use error::FixtureError;
-pub use fixture::{index_cases, read_json, Fixture, IndexEntry, Stored};
+pub use fixture::{check_index, index_cases, read_json, Fixture, IndexEntry, Stored};
 pub use report::{any_failed, format_report, ParityRow, Status};

@@ -15,7 +15,7 @@ use burn::tensor::{backend::AutodiffBackend, backend::Backend, ElementConversion
 use serde_json::Value;
 
 pub use diffmoe_parity::{any_failed, format_report, ParityRow, Status};
-use diffmoe_parity::{index_cases, Fixture, FixtureError, Stored};
+use diffmoe_parity::{check_index, Fixture, FixtureError, Stored};
 
 use diffmoe_core::{LocalReplica, Routing, RoutingStats};
 use diffmoe_model::{
@@ -514,10 +514,7 @@ pub fn check_case<B: AutodiffBackend>(
         compute_model_case::<B>(case, &fx, device)?
     };
     let mut groups: BTreeMap<String, ParityRow> = BTreeMap::new();
-    for (key, stored) in &fx.tensors {
-        if fx.is_input(key) || key == "timestep.t" {
-            continue;
-        }
+    for (key, stored) in fx.outputs().filter(|(key, _)| *key != "timestep.t") {
         let group = group_of(key);
         let row = groups.entry(group.clone()).or_insert_with(|| ParityRow::new(case, &group));
         row.tensors += 1;
@@ -545,9 +542,5 @@ pub fn check_case<B: AutodiffBackend>(
 
 /// Checks every case listed in `dir/index.json`.
 pub fn check_dir<B: AutodiffBackend>(dir: &Path, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
-    let mut rows = Vec::new();
-    for entry in index_cases(dir)? {
-        rows.extend(check_case::<B>(dir, &entry.case, device)?);
-    }
-    Ok(rows)
+    check_index(dir, |case| check_case::<B>(dir, case, device))
 }

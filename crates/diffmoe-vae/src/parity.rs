@@ -15,7 +15,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use serde_json::Value;
 
 pub use diffmoe_parity::{any_failed, format_report, ParityRow, Status};
-use diffmoe_parity::{index_cases, read_json, Fixture, FixtureError};
+use diffmoe_parity::{check_index, read_json, Fixture, FixtureError};
 
 use crate::activations::Activations;
 use crate::autoencoder::{from_diffusion_scale, to_diffusion_scale};
@@ -94,11 +94,7 @@ pub fn check_case<B: Backend>(dir: &Path, case: &str, device: &B::Device) -> Res
 
 /// Checks every case listed in `dir/index.json`.
 pub fn check_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
-    let mut rows = Vec::new();
-    for entry in index_cases(dir)? {
-        rows.extend(check_case::<B>(dir, &entry.case, device)?);
-    }
-    Ok(rows)
+    check_index(dir, |case| check_case::<B>(dir, case, device))
 }
 
 /// The report group of an output key: its first segment, plus `.act` for
