@@ -197,7 +197,7 @@ fn main() -> Result<()> {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
             let json = serde_json::to_string_pretty(&report)?;
-            diffmoe_model::write_atomically(&args.json, json.as_bytes())?;
+            diffmoe_weights::write_atomically(&args.json, json.as_bytes())?;
             println!("wrote {}", args.json.display());
         }
         Command::Configs { out } => {

@@ -14,8 +14,8 @@ use diffmoe_eval::{
     FeatureStatistics, InceptionFeatures, MeanPrecision, PrecisionRecall, SampleSet, ScoreArithmetic, SqrtmOffset,
     ADM_SPLIT_SIZE, INCEPTION_CLASSES, POOL_FEATURES, WEIGHTS_FILE_NAME, WEIGHTS_FILE_URL,
 };
-use diffmoe_model::write_atomically;
 use diffmoe_train::data::{open_dataset, DataSpec, ImageShape};
+use diffmoe_weights::write_atomically;
 
 use crate::backend::Backend;
 use crate::device::DeviceSpec;

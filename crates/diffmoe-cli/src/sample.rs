@@ -11,13 +11,14 @@ use indicatif::ProgressBar;
 
 use burn::tensor::{Tensor, TensorData};
 use diffmoe_core::Routing;
-use diffmoe_model::{write_atomically, CfgChannels, DiTOutput, Objective, ParamReport, RunConfig, WeightSource};
+use diffmoe_model::{CfgChannels, DiTOutput, Objective, ParamReport, RunConfig, WeightSource};
 use diffmoe_train::data::{load_vae, read_vae_config};
 use diffmoe_train::{
     load_trained, plot_per_class, plot_per_step, sampler::ClipDenoised, CallObserver, ComputeRecorder, Generator,
     SampleSettings, SampleSpace, SampleWriter, SamplerChoice,
 };
 use diffmoe_vae::AutoencoderKlConfig;
+use diffmoe_weights::write_atomically;
 
 use crate::backend::Backend;
 use crate::device::DeviceSpec;

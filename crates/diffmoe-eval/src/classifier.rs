@@ -29,6 +29,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::module::max_pool2d;
 use burn::tensor::{activation::relu, backend::Backend, Tensor, TensorData};
+use diffmoe_weights::{write_f32_safetensors, Element};
 use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
@@ -223,8 +224,7 @@ impl<B: Backend> FeatureClassifier<B> {
             if view.shape() != shape.as_slice() {
                 return Err(problem(format!("has shape {:?}, expected {shape:?}", view.shape())));
             }
-            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            values.insert(key.clone(), data);
+            values.insert(key.clone(), Element::F32.decode_all(view.data()));
         }
         model.set_named(&mut values, device);
         Ok(model)
@@ -240,7 +240,7 @@ impl<B: Backend> FeatureClassifier<B> {
             serde_json::to_string(&self.config()).expect("a config serialises"),
         )]);
         let tensors = self.named_values().into_iter().map(|(k, (shape, values))| (k, shape, values));
-        diffmoe_model::write_f32_safetensors(path, tensors, metadata)
+        write_f32_safetensors(path, tensors, metadata)
             .map_err(|e| ClassifierError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
     }
 

@@ -456,8 +456,8 @@ fn median_images_per_second(log: &Path) -> f64 {
 fn write_results(results: &ComparisonResults, out: &Path) -> Result<ComparisonResults, ComparisonError> {
     let mut results = results.clone();
     let write = |path: PathBuf, bytes: &[u8]| -> Result<PathBuf, ComparisonError> {
-        diffmoe_model::write_atomically(&path, bytes)
-            .map_err(|e| ComparisonError::Write { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        diffmoe_weights::write_atomically(&path, bytes)
+            .map_err(|e| ComparisonError::Write { path: path.clone(), source: std::io::Error::other(e) })?;
         Ok(path)
     };
     let plot = out.join("compute_quality.png");

@@ -1,6 +1,6 @@
 //! Loading the FID Inception weights: pytorch-fid's
 //! `pt_inception-2015-12-05-6726825d.pth` (a torch pickle, read by
-//! [`diffmoe_model::read_state_dict`] without executing it) or a safetensors
+//! [`diffmoe_weights::read_state_dict`] without executing it) or a safetensors
 //! conversion, under either key layout: the weights file's own names
 //! (torchvision `Inception3`: `Mixed_5b.branch1x1.conv.weight`, `fc.weight`)
 //! or pytorch-fid's `InceptionV3` module names (`blocks.2.0.branch1x1.conv.weight`).
@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
-use diffmoe_model::{is_torch_save_file, read_state_dict, HostTensor, StateDict, TorchCheckpointError};
+use diffmoe_model::StateDict;
+use diffmoe_weights::{is_torch_save_file, read_state_dict, Element, HostTensor, TorchCheckpointError};
 
 use crate::inception::{conv_specs, FidInceptionV3, InceptionFc, INCEPTION_CLASSES, POOL_FEATURES};
 use crate::inception_blocks::{BasicConv2d, BatchNorm2d, ConvSource, ConvSpec};
@@ -217,8 +217,7 @@ pub fn read_inception_weights(path: &Path) -> Result<StateDict, InceptionWeights
     if is_torch_save_file(path).map_err(io)? {
         let tensors = read_state_dict(path, "")
             .map_err(|e| InceptionWeightsError::Torch { path: path.to_path_buf(), source: Box::new(e) })?;
-        let tensors = tensors.into_iter().map(|(k, t)| (k, HostTensor { shape: t.shape, data: t.data })).collect();
-        return Ok(StateDict { tensors });
+        return Ok(StateDict { tensors: tensors.into_iter().collect() });
     }
     let bytes = std::fs::read(path).map_err(io)?;
     read_safetensors(path, &bytes)
@@ -229,28 +228,15 @@ fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<StateDict, InceptionWei
         .map_err(|source| InceptionWeightsError::Safetensors { path: path.to_path_buf(), source })?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let data = f32_values(view.dtype(), view.data()).ok_or_else(|| InceptionWeightsError::Dtype {
+        // Floats, and the integer `num_batches_tracked` counters of batch norm.
+        let element = Element::from_safetensors(view.dtype()).ok_or_else(|| InceptionWeightsError::Dtype {
             path: path.to_path_buf(),
             key: name.clone(),
             dtype: format!("{:?}", view.dtype()),
         })?;
-        tensors.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+        tensors.insert(name, HostTensor { shape: view.shape().to_vec(), data: element.decode_all(view.data()) });
     }
     Ok(StateDict { tensors })
-}
-
-/// Little-endian tensor bytes as float32 (`None` for other dtypes).
-pub(crate) fn f32_values(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
-        Dtype::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
-        Dtype::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
-        Dtype::BF16 => {
-            b.chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect()
-        }
-        _ => return None,
-    })
 }
 
 /// Loads pytorch-fid's FID Inception from a weights file (see

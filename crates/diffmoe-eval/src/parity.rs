@@ -16,9 +16,10 @@ use std::path::Path;
 use burn::tensor::{backend::Backend, Tensor};
 use serde_json::Value;
 
-use diffmoe_model::{HostTensor, StateDict};
+use diffmoe_model::StateDict;
 pub use diffmoe_parity::{any_failed, format_report, ParityRow, Status};
 use diffmoe_parity::{check_index, index_cases, Fixture, FixtureError};
+use diffmoe_weights::HostTensor;
 
 use crate::frechet::{
     frechet_distance, FeatureStatistics, MeanPrecision, SqrtmOffset, StatisticsError, PYTORCH_FID_EPS,

@@ -97,7 +97,7 @@ pub fn write_procedural_inception(path: &Path, base_seed: u64) -> std::io::Resul
         };
         tensors.push((key.name, key.shape, values));
     }
-    diffmoe_model::write_f32_safetensors(path, tensors, Default::default()).map_err(std::io::Error::other)
+    diffmoe_weights::write_f32_safetensors(path, tensors, Default::default()).map_err(std::io::Error::other)
 }
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ pub enum ImportError {
     },
     /// The PyTorch checkpoint could not be read.
     #[error(transparent)]
-    Torch(#[from] crate::torch_checkpoint::TorchCheckpointError),
+    Torch(#[from] diffmoe_weights::TorchCheckpointError),
     /// A project safetensors file whose metadata is unreadable.
     #[error("{path}: invalid diffmoe metadata: {reason}")]
     Metadata {
@@ -129,14 +129,8 @@ pub enum ImportError {
         reason: String,
     },
     /// Writing a file failed.
-    #[error("cannot write {path}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Write(#[from] diffmoe_weights::WriteError),
     /// The config embedded in or given for the weights is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),

@@ -13,7 +13,6 @@ mod params;
 mod preset;
 mod recipe;
 mod state_dict;
-mod torch_checkpoint;
 mod weights;
 
 pub use attention::Attention;
@@ -27,8 +26,5 @@ pub use preset::{preset, preset_names, presets};
 pub use recipe::{
     BadFiles, CapacitySchedule, DataConfig, Flip, GridConfig, OptimizerConfig, TimestepSampling, TrainConfig,
 };
-pub use state_dict::{HostTensor, StateDict};
-pub use torch_checkpoint::{
-    checkpoint_entries, is_torch_save, is_torch_save_file, read_state_dict, TorchCheckpointError, TorchTensor,
-};
-pub use weights::{load_weights, save_weights, write_atomically, write_f32_safetensors, WeightSource};
+pub use state_dict::StateDict;
+pub use weights::{load_weights, save_weights, WeightSource};

@@ -15,34 +15,12 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use diffmoe_core::{
     CapacityPredictor, DiffMoeLayer, ExpertBank, ExpertChoiceLayer, FeedForward, Mlp, SwiGluMlp, TokenChoiceLayer,
 };
+use diffmoe_weights::HostTensor;
 
 use crate::block::BlockMlp;
 use crate::config::{family_key, DiTConfig, Family};
 use crate::dit::DiT;
 use crate::error::ImportError;
-
-/// A tensor on the host: row-major f32 values and a shape.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    /// The shape.
-    pub shape: Vec<usize>,
-    /// `shape.iter().product()` values, row-major.
-    pub data: Vec<f32>,
-}
-
-impl HostTensor {
-    /// Reads a tensor back to the host.
-    pub fn from_tensor<B: Backend, const D: usize>(t: Tensor<B, D>) -> Self {
-        let shape = t.dims().to_vec();
-        let data = t.into_data().convert::<f32>().to_vec().expect("a float tensor reads as f32");
-        Self { shape, data }
-    }
-
-    /// Uploads to a device.
-    pub fn to_tensor<B: Backend, const D: usize>(&self, device: &B::Device) -> Tensor<B, D> {
-        Tensor::from_data(TensorData::new(self.data.clone(), self.shape.clone()), device)
-    }
-}
 
 /// Named tensors under the official names.
 #[derive(Debug, Clone, Default, PartialEq)]

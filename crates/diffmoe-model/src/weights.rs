@@ -3,17 +3,16 @@
 //! safetensors format (official names plus the model config in the metadata).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use safetensors::tensor::{Dtype, TensorView};
+use diffmoe_weights::{checkpoint_entries, read_state_dict, write_f32_safetensors, Element};
 use safetensors::SafeTensors;
 
 use crate::config::DiTConfig;
 use crate::dit::DiT;
 use crate::error::ImportError;
-use crate::state_dict::{HostTensor, StateDict};
-use crate::torch_checkpoint::{f16_to_f32, read_state_dict};
+use crate::state_dict::StateDict;
 
 /// Metadata key holding the model config (JSON) in the project's format.
 pub const CONFIG_METADATA_KEY: &str = "diffmoe.model_config";
@@ -47,11 +46,9 @@ impl WeightSource {
 /// safetensors (the `source` does not apply).
 pub fn read_weights(path: &Path, source: WeightSource) -> Result<(StateDict, Option<DiTConfig>), ImportError> {
     if path.extension().is_some_and(|e| e == "pt" || e == "pth") {
-        let entries = crate::torch_checkpoint::checkpoint_entries(path)?;
+        let entries = checkpoint_entries(path)?;
         let entry = if entries.iter().any(|e| e == source.entry()) { source.entry() } else { "" };
-        let tensors = read_state_dict(path, entry)?;
-        let tensors =
-            tensors.into_iter().map(|(name, t)| (name, HostTensor { shape: t.shape, data: t.data })).collect();
+        let tensors = read_state_dict(path, entry)?.into_iter().collect();
         return Ok((StateDict { tensors }, None));
     }
     let bytes = std::fs::read(path).map_err(|source| ImportError::Io { path: path.to_path_buf(), source })?;
@@ -71,28 +68,12 @@ fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<(StateDict, Option<DiTC
     let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     let mut sd = StateDict::default();
     for (name, view) in st.tensors() {
-        let data = to_f32(view.dtype(), view.data()).ok_or_else(|| ImportError::Dtype {
-            path: path.to_path_buf(),
-            key: name.clone(),
-            dtype: format!("{:?}", view.dtype()),
+        let element = Element::from_safetensors(view.dtype()).filter(|e| e.is_float()).ok_or_else(|| {
+            ImportError::Dtype { path: path.to_path_buf(), key: name.clone(), dtype: format!("{:?}", view.dtype()) }
         })?;
-        sd.tensors.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+        sd.tensors.insert(name, (view.shape().to_vec(), element.decode_all(view.data())).into());
     }
     Ok((sd, config))
-}
-
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F64 => {
-            bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect()
-        }
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-        Dtype::BF16 => {
-            bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
-        }
-        _ => return None,
-    })
 }
 
 /// Loads a model from a weight file.
@@ -158,50 +139,6 @@ pub fn save_weights<B: Backend>(model: &DiT<B>, path: &Path) -> Result<(), Impor
         CONFIG_METADATA_KEY.to_string(),
         serde_json::to_string(&model.config).expect("a DiTConfig always serialises"),
     );
-    write_f32_safetensors(path, sd.tensors.into_iter().map(|(k, t)| (k, t.shape, t.data)), metadata)
-}
-
-/// Writes float32 tensors `(name, shape, values)` and string `metadata` as a
-/// safetensors file, atomically ([`write_atomically`]).
-///
-/// # Errors
-/// If a tensor's values do not fill its shape, or the file cannot be written.
-pub fn write_f32_safetensors(
-    path: &Path,
-    tensors: impl IntoIterator<Item = (String, Vec<usize>, Vec<f32>)>,
-    metadata: HashMap<String, String>,
-) -> Result<(), ImportError> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(k, shape, values)| (k, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(k, s, b)| {
-            TensorView::new(Dtype::F32, s.clone(), b)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| ImportError::Safetensors { path: path.to_path_buf(), reason: format!("`{k}`: {e}") })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata = (!metadata.is_empty()).then_some(metadata);
-    let out = safetensors::serialize(views, &metadata)
-        .map_err(|e| ImportError::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
-    write_atomically(path, &out)
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it
-/// over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ImportError> {
-    use std::io::Write;
-    let write_err = |source| ImportError::Write { path: path.to_path_buf(), source };
-    let tmp: PathBuf = {
-        let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        name.push(format!(".tmp-{}", std::process::id()));
-        path.with_file_name(name)
-    };
-    let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
-    file.write_all(bytes).map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(write_err)
+    write_f32_safetensors(path, sd.tensors.into_iter().map(|(k, t)| (k, t.shape, t.data)), metadata)?;
+    Ok(())
 }

@@ -4,10 +4,8 @@
 use std::path::PathBuf;
 
 use burn::backend::Flex;
-use diffmoe_model::{
-    load_weights, preset, read_state_dict, save_weights, DiTConfig, Family, HostTensor, ImportError, StateDict,
-    WeightSource,
-};
+use diffmoe_model::{load_weights, preset, save_weights, DiTConfig, Family, ImportError, StateDict, WeightSource};
+use diffmoe_weights::{read_state_dict, HostTensor};
 
 fn shared() -> PathBuf {
     match std::env::var_os("DIFFMOE_SHARED") {
@@ -28,12 +26,7 @@ fn config() -> DiTConfig {
 }
 
 fn official(entry: &str) -> StateDict {
-    let tensors = read_state_dict(&checkpoint(), entry)
-        .unwrap()
-        .into_iter()
-        .map(|(k, t)| (k, HostTensor { shape: t.shape, data: t.data }))
-        .collect();
-    StateDict { tensors }
+    StateDict { tensors: read_state_dict(&checkpoint(), entry).unwrap().into_iter().collect() }
 }
 
 fn scratch(name: &str) -> PathBuf {

@@ -33,6 +33,9 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// A file of the run could not be replaced (see [`diffmoe_weights::write_atomically`]).
+    #[error(transparent)]
+    Write(#[from] diffmoe_weights::WriteError),
     /// The output directory cannot take this run.
     #[error("output directory {path}: {reason}")]
     RunDir {

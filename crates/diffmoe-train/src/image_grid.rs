@@ -4,7 +4,7 @@
 //! padding between tiles). Files are written atomically so that a viewer or a
 //! crash never sees half a PNG.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::data::DataError;
 
@@ -71,8 +71,8 @@ fn check(path: &Path, values: &[f32], [batch, channels, height, width]: [usize; 
     Ok(())
 }
 
-/// Encodes interleaved 8-bit pixels to `<path>.tmp` in the same directory,
-/// then renames it over `path`.
+/// Encodes interleaved 8-bit pixels as a PNG and writes it to `path`
+/// atomically ([`diffmoe_weights::write_atomically`]).
 pub(crate) fn write_png(
     path: &Path,
     pixels: Vec<u8>,
@@ -80,24 +80,17 @@ pub(crate) fn write_png(
     height: usize,
     channels: usize,
 ) -> Result<(), DataError> {
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp: PathBuf = path.with_file_name(tmp_name);
     let colour = if channels == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
-    let file = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    let mut writer = std::io::BufWriter::new(file);
+    let mut png = Vec::new();
     image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new(&mut writer),
+        image::codecs::png::PngEncoder::new(&mut png),
         &pixels,
         width as u32,
         height as u32,
         colour,
     )
-    .map_err(|source| DataError::Image { path: tmp.clone(), source })?;
-    let file = writer.into_inner().map_err(|e| DataError::io(&tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| DataError::io(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+    .map_err(|source| DataError::Image { path: path.to_path_buf(), source })?;
+    Ok(diffmoe_weights::write_atomically(path, &png)?)
 }
 
 #[cfg(test)]
@@ -123,7 +116,8 @@ mod tests {
         assert_eq!(png.get_pixel(2, 6 + 1).0, [255, 255, 0]);
         // The empty fourth tile stays black.
         assert_eq!(png.get_pixel(8, 7).0, [0, 0, 0]);
-        assert!(!dir.join("grid.png.tmp").exists());
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["grid.png"], "no temporary file is left");
 
         let grey: Vec<f32> = vec![-1.0, 0.0, 1.0, 0.5];
         save_png(&dir.join("one.png"), &grey, [1, 2, 2]).unwrap();

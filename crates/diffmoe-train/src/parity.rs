@@ -20,8 +20,9 @@ use diffmoe_parity::{check_index, Fixture, FixtureError, Stored};
 use diffmoe_core::{LocalReplica, Routing, RoutingStats};
 use diffmoe_model::{
     sincos_pos_embed_2d, timestep_embedding, Activations, BlockMlp, BlockRouting, CfgChannels, DiT, DiTConfig, Family,
-    HostTensor, StateDict,
+    StateDict,
 };
+use diffmoe_weights::HostTensor;
 
 use crate::ddpm::DdpmSchedule;
 use crate::flow::flow_loss;

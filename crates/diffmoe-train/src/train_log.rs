@@ -4,7 +4,7 @@
 //! gradient norm, and each DiffMoE layer's tokens per expert and thresholds.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -94,9 +94,7 @@ impl TrainLog {
                     kept.push('\n');
                 }
             }
-            let tmp = run_dir.join(format!("{LOG_FILE}.tmp-{}", std::process::id()));
-            fs::write(&tmp, kept).map_err(io(&tmp))?;
-            fs::rename(&tmp, &path).map_err(io(&path))?;
+            diffmoe_weights::write_atomically(&path, kept.as_bytes())?;
         }
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
         Ok(Self { path, file })

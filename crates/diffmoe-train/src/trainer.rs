@@ -225,8 +225,7 @@ fn check_run_dir(run_dir: &Path) -> Result<(), TrainError> {
 
 /// Writes `text` to `path` through a temporary file and a rename.
 fn write_text_atomically(path: &Path, text: &str) -> Result<(), TrainError> {
-    diffmoe_model::write_atomically(path, text.as_bytes())
-        .map_err(|e| TrainError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
+    Ok(diffmoe_weights::write_atomically(path, text.as_bytes())?)
 }
 
 /// Reads the config of the run in `run_dir` (for `--resume`).

@@ -11,7 +11,7 @@
 //! Weights load from safetensors ([`load_safetensors`]) or from host tensors
 //! ([`load_tensor_map`]; torch pickles such as `diffusion_pytorch_model.bin`
 //! or `vae-ft-mse-840000-ema-pruned.ckpt` are read with
-//! `diffmoe_model::torch_checkpoint` and passed as a map), in any of the
+//! `diffmoe_weights::read_state_dict` and passed as a map), in any of the
 //! three key layouts of the real checkpoints ([`KeyLayout`]).
 //!
 //! Code map: `config` (constructor kwargs, preset, latent scale) ->
@@ -62,4 +62,4 @@ pub use resnet::ResnetBlock2d;
 pub use state_dict::{ParamKind, ParamSpec};
 pub use up_block::UpDecoderBlock2d;
 pub use upsample::{upsample_nearest_2x, Upsample2d};
-pub use weights::{load_safetensors, load_tensor_map, HostTensor, TensorMap};
+pub use weights::{load_safetensors, load_tensor_map, TensorMap};

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub use diffmoe_parity::{any_failed, format_report, ParityRow, Status};
 use diffmoe_parity::{check_index, read_json, Fixture, FixtureError};
+use diffmoe_weights::HostTensor;
 
 use crate::activations::Activations;
 use crate::autoencoder::{from_diffusion_scale, to_diffusion_scale};
@@ -25,7 +26,7 @@ use crate::group_norm::GROUP_NORM_EPS;
 use crate::key_layout::{KeyLayout, SD_CHECKPOINT_PREFIX};
 use crate::posterior::DiagonalGaussian;
 use crate::state_dict::{ParamKind, ParamSpec};
-use crate::weights::{load_tensor_map, HostTensor, TensorMap};
+use crate::weights::{load_tensor_map, TensorMap};
 
 /// Relative tolerance when a fixture suggests none: the VAE fixtures'
 /// `suggested_tolerance`. A float32 port that sums in another order lands

@@ -1,35 +1,20 @@
 //! Loading VAE weights: from a safetensors file (diffusers'
 //! `diffusion_pytorch_model.safetensors`, LDM's `vae-ft-mse-840000-ema-pruned.safetensors`,
 //! a full SD checkpoint) or from tensors already on the host, e.g. read from
-//! a torch pickle (`.bin`, `.ckpt`) with `diffmoe_model::torch_checkpoint`.
+//! a torch pickle (`.bin`, `.ckpt`) with [`diffmoe_weights::read_state_dict`].
 //! Every key and shape is checked (see [`crate::LoadPlan`]) before any parameter is set.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use safetensors::tensor::Dtype;
+use diffmoe_weights::{Element, HostTensor};
 use safetensors::SafeTensors;
 
 use crate::autoencoder::AutoencoderKl;
 use crate::config::AutoencoderKlConfig;
 use crate::error::LoadError;
 use crate::state_dict::entries;
-
-/// A tensor on the host: a shape and its values, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    /// The shape.
-    pub shape: Vec<usize>,
-    /// `shape.iter().product()` values, row-major.
-    pub data: Vec<f32>,
-}
-
-impl From<(Vec<usize>, Vec<f32>)> for HostTensor {
-    fn from((shape, data): (Vec<usize>, Vec<f32>)) -> Self {
-        Self { shape, data }
-    }
-}
 
 /// Checkpoint tensors by name.
 pub type TensorMap = BTreeMap<String, HostTensor>;
@@ -76,46 +61,18 @@ pub fn load_safetensors<B: Backend>(
     let plan = model.load_plan(views.iter().map(|(k, v)| (k.as_str(), v.shape())))?;
     let by_name: BTreeMap<&str, &safetensors::tensor::TensorView<'_>> =
         views.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut elements = Vec::with_capacity(plan.entries.len());
     for entry in &plan.entries {
         let dtype = by_name[entry.key.as_str()].dtype();
-        if !matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16) {
-            return Err(LoadError::Dtype { path: path.to_path_buf(), key: entry.key.clone(), dtype });
+        match Element::from_safetensors(dtype).filter(|e| e.is_float()) {
+            Some(element) => elements.push(element),
+            None => return Err(LoadError::Dtype { path: path.to_path_buf(), key: entry.key.clone(), dtype }),
         }
     }
-    for (param, entry) in entries(&mut model).iter_mut().zip(&plan.entries) {
-        let view = by_name[entry.key.as_str()];
-        let data = to_f32(view.dtype(), view.data()).expect("dtypes were checked");
-        param.set(data, device);
+    for ((param, entry), element) in entries(&mut model).iter_mut().zip(&plan.entries).zip(elements) {
+        param.set(element.decode_all(by_name[entry.key.as_str()].data()), device);
     }
     Ok(model)
-}
-
-/// Little-endian float bytes to f32 values; `None` for other dtypes.
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F64 => {
-            bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect()
-        }
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-        Dtype::BF16 => {
-            bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
-        }
-        _ => return None,
-    })
-}
-
-/// IEEE half to f32, exact (subnormals, infinities and NaN included).
-fn half_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = ((h >> 10) & 0x1f) as i32;
-    let frac = (h & 0x3ff) as f32;
-    sign * match exp {
-        0 => frac * 2f32.powi(-24),
-        31 if frac == 0.0 => f32::INFINITY,
-        31 => f32::NAN,
-        e => (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
-    }
 }
 
 #[cfg(test)]
@@ -125,7 +82,7 @@ mod tests {
     use crate::key_layout::{KeyLayout, SD_CHECKPOINT_PREFIX};
     use burn::backend::Flex;
     use burn::tensor::{Int, Tensor};
-    use safetensors::tensor::TensorView;
+    use safetensors::tensor::{Dtype, TensorView};
 
     type B = Flex;
 
@@ -219,24 +176,5 @@ mod tests {
         let e = load_safetensors::<B>(&tiny(), &dir.join("absent.safetensors"), &device).unwrap_err();
         assert!(matches!(e, LoadError::Io { .. }));
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn half_floats_decode_exactly() {
-        let halves: [(u16, f32); 6] = [
-            (0x3c00, 1.0),
-            (0xc000, -2.0),
-            (0x3555, 0.333_251_95),
-            (0x0001, 5.960_464_5e-8),
-            (0x7bff, 65504.0),
-            (0x0000, 0.0),
-        ];
-        let bytes: Vec<u8> = halves.iter().flat_map(|(h, _)| h.to_le_bytes()).collect();
-        let decoded = to_f32(Dtype::F16, &bytes).unwrap();
-        for ((_, want), got) in halves.iter().zip(decoded) {
-            assert_eq!(got, *want);
-        }
-        assert_eq!(to_f32(Dtype::BF16, &0x3f80u16.to_le_bytes()).unwrap(), vec![1.0]);
-        assert!(to_f32(Dtype::I64, &[0; 8]).is_none());
     }
 }

@@ -46,6 +46,10 @@ pub enum DataError {
         source: safetensors::SafeTensorError,
     },
 
+    /// A file could not be replaced (see [`diffmoe_weights::write_atomically`]).
+    #[error(transparent)]
+    Write(#[from] diffmoe_weights::WriteError),
+
     /// A data specification names a path that does not exist.
     #[error("dataset path {} does not exist", path.display())]
     NotFound { path: PathBuf },
@@ -102,6 +106,7 @@ impl DataError {
             | DataError::Undetected { path, .. }
             | DataError::Empty { path, .. }
             | DataError::ShapeMismatch { path, .. } => Some(path),
+            DataError::Write(e) => Some(e.path()),
             DataError::InvalidSpec { .. }
             | DataError::UnsupportedTarget { .. }
             | DataError::TooSmall { .. }

@@ -118,6 +118,10 @@ pub fn write_latent_shard(
     let bytes = safetensors::serialize(tensors, &Some(metadata))
         .map_err(|source| DataError::Safetensors { path: path.to_path_buf(), source })?;
 
+    // Not `diffmoe_weights::write_atomically`, whose temporaries are unique
+    // per call: a shard has one writer at a time (its claim), and a fixed
+    // temporary name lets the writer that takes over a killed one's shard
+    // overwrite what the killed one left.
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);

@@ -12,8 +12,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
-use diffmoe_model::{checkpoint_entries, is_torch_save_file, read_state_dict, TorchCheckpointError};
-use diffmoe_vae::{load_safetensors, load_tensor_map, AutoencoderKl, AutoencoderKlConfig, HostTensor, TensorMap};
+use diffmoe_vae::{load_safetensors, load_tensor_map, AutoencoderKl, AutoencoderKlConfig, TensorMap};
+use diffmoe_weights::{checkpoint_entries, is_torch_save_file, read_state_dict, TorchCheckpointError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -108,11 +108,7 @@ pub fn load_vae<B: Backend>(
         let torch_error = |source| VaeFileError::Torch { path: path.to_path_buf(), source: Box::new(source) };
         let entries = checkpoint_entries(path).map_err(torch_error)?;
         let entry = if entries.iter().any(|e| e == CKPT_STATE_DICT) { CKPT_STATE_DICT } else { "" };
-        let tensors: TensorMap = read_state_dict(path, entry)
-            .map_err(torch_error)?
-            .into_iter()
-            .map(|(name, t)| (name, HostTensor { shape: t.shape, data: t.data }))
-            .collect();
+        let tensors: TensorMap = read_state_dict(path, entry).map_err(torch_error)?.into_iter().collect();
         load_tensor_map(config, tensors, device).map_err(weights_error)
     } else {
         load_safetensors(config, path, device).map_err(weights_error)
@@ -195,7 +191,7 @@ pub fn write_procedural_vae<B: Backend>(
         let values = (0..numel).map(|_| centre + rng.random_range(-half_width..=half_width)).collect();
         (spec.name, spec.shape, values)
     });
-    diffmoe_model::write_f32_safetensors(path, tensors, Default::default())
+    diffmoe_weights::write_f32_safetensors(path, tensors, Default::default())
         .map_err(|e| VaeFileError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })
 }
 

@@ -39,14 +39,8 @@ use std::rc::Rc;
 use zip::result::ZipError;
 use zip::{CompressionMethod, ZipArchive};
 
-/// One tensor read from a checkpoint, converted to f32 (row-major, contiguous).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TorchTensor {
-    /// The tensor's sizes; empty for a 0-dim tensor.
-    pub shape: Vec<usize>,
-    /// The `shape.iter().product()` elements in row-major order.
-    pub data: Vec<f32>,
-}
+use crate::element::{Decode, Element};
+use crate::host_tensor::HostTensor;
 
 /// Why a torch checkpoint could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -227,7 +221,7 @@ pub fn checkpoint_entries(path: &Path) -> Result<Vec<String>, TorchCheckpointErr
 /// the entries present), entry not a dict of tensors, unsupported dtype. Storages of float16,
 /// bfloat16, float64, int64, int32, int16, int8, uint8 and bool are converted to f32 (integers
 /// beyond 2^24 in magnitude are rounded).
-pub fn read_state_dict(path: &Path, entry: &str) -> Result<Vec<(String, TorchTensor)>, TorchCheckpointError> {
+pub fn read_state_dict(path: &Path, entry: &str) -> Result<Vec<(String, HostTensor)>, TorchCheckpointError> {
     let mut checkpoint = Checkpoint::open(path)?;
     let value = if entry.is_empty() {
         checkpoint.root.clone()
@@ -291,7 +285,7 @@ pub fn read_state_dict(path: &Path, entry: &str) -> Result<Vec<(String, TorchTen
                 available,
             },
         })?;
-        out.push((name.clone(), TorchTensor { shape: tensor.shape.clone(), data }));
+        out.push((name.clone(), HostTensor { shape: tensor.shape.clone(), data }));
     }
     Ok(out)
 }
@@ -660,68 +654,54 @@ impl LegacyHeader {
     }
 }
 
-/// Converts the little-endian bytes of one storage element to f32.
-type Decode = fn(&[u8]) -> f32;
-
 /// Element type of a torch storage, from its pickled class (`torch.FloatStorage`, ...).
 #[derive(Debug, Clone, PartialEq)]
 enum DType {
-    F32,
-    F16,
-    BF16,
-    F64,
-    I64,
-    I32,
-    I16,
-    I8,
-    U8,
-    Bool,
+    Known(Element),
+    /// A class this reader cannot convert (complex, quantized, unknown), by name.
     Unsupported(String),
 }
 
+/// The storage classes of the elements this reader converts.
+const STORAGE_CLASSES: [(&str, Element); 10] = [
+    ("FloatStorage", Element::F32),
+    ("HalfStorage", Element::F16),
+    ("BFloat16Storage", Element::BF16),
+    ("DoubleStorage", Element::F64),
+    ("LongStorage", Element::I64),
+    ("IntStorage", Element::I32),
+    ("ShortStorage", Element::I16),
+    ("CharStorage", Element::I8),
+    ("ByteStorage", Element::U8),
+    ("BoolStorage", Element::Bool),
+];
+
 impl DType {
     fn from_storage_class(module: &str, name: &str) -> DType {
-        match (module, name) {
-            ("torch", "FloatStorage") => DType::F32,
-            ("torch", "HalfStorage") => DType::F16,
-            ("torch", "BFloat16Storage") => DType::BF16,
-            ("torch", "DoubleStorage") => DType::F64,
-            ("torch", "LongStorage") => DType::I64,
-            ("torch", "IntStorage") => DType::I32,
-            ("torch", "ShortStorage") => DType::I16,
-            ("torch", "CharStorage") => DType::I8,
-            ("torch", "ByteStorage") | ("torch", "UntypedStorage") => DType::U8,
-            ("torch", "BoolStorage") => DType::Bool,
+        let known = STORAGE_CLASSES.iter().find(|(class, _)| *class == name).map(|&(_, element)| element);
+        match (module, known, name) {
+            ("torch", Some(element), _) => DType::Known(element),
+            ("torch", None, "UntypedStorage") => DType::Known(Element::U8),
             _ => DType::Unsupported(format!("{module}.{name}")),
         }
     }
 
     /// The storage class, as it appears in the pickle (`torch.FloatStorage`).
     fn class_name(&self) -> String {
-        let name = match self {
-            DType::F32 => "FloatStorage",
-            DType::F16 => "HalfStorage",
-            DType::BF16 => "BFloat16Storage",
-            DType::F64 => "DoubleStorage",
-            DType::I64 => "LongStorage",
-            DType::I32 => "IntStorage",
-            DType::I16 => "ShortStorage",
-            DType::I8 => "CharStorage",
-            DType::U8 => "ByteStorage",
-            DType::Bool => "BoolStorage",
-            DType::Unsupported(class) => return class.clone(),
-        };
-        format!("torch.{name}")
+        match self {
+            DType::Known(element) => {
+                let (class, _) = STORAGE_CLASSES.iter().find(|(_, e)| e == element).expect("every element has a class");
+                format!("torch.{class}")
+            }
+            DType::Unsupported(class) => class.clone(),
+        }
     }
 
     /// Bytes per element, also for the storage classes torch saves but this reader cannot convert
     /// (complex and quantized), so that a legacy file's records can be walked past them.
     fn element_size(&self) -> Option<usize> {
         match self {
-            DType::F64 | DType::I64 => Some(8),
-            DType::F32 | DType::I32 => Some(4),
-            DType::F16 | DType::BF16 | DType::I16 => Some(2),
-            DType::I8 | DType::U8 | DType::Bool => Some(1),
+            DType::Known(element) => Some(element.size()),
             DType::Unsupported(class) => match class.as_str() {
                 "torch.ComplexDoubleStorage" => Some(16),
                 "torch.ComplexFloatStorage" => Some(8),
@@ -736,40 +716,10 @@ impl DType {
 
     /// Element size in bytes and the little-endian decoder, or the unsupported class name.
     fn decoder(&self) -> Result<(usize, Decode), String> {
-        Ok(match self {
-            DType::F32 => (4, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            DType::F16 => (2, |b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-            DType::BF16 => (2, |b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
-            DType::F64 => (8, |b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32),
-            DType::I64 => (8, |b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32),
-            DType::I32 => (4, |b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32),
-            DType::I16 => (2, |b| f32::from(i16::from_le_bytes([b[0], b[1]]))),
-            DType::I8 => (1, |b| f32::from(b[0] as i8)),
-            DType::U8 => (1, |b| f32::from(b[0])),
-            DType::Bool => (1, |b| if b[0] != 0 { 1.0 } else { 0.0 }),
-            DType::Unsupported(class) => return Err(class.clone()),
-        })
-    }
-}
-
-/// IEEE binary16 to binary32 (exact).
-pub(crate) fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h >> 15) << 31;
-    let exponent = u32::from((h >> 10) & 0x1f);
-    let mantissa = u32::from(h & 0x3ff);
-    match (exponent, mantissa) {
-        (0, 0) => f32::from_bits(sign),
-        (0, _) => {
-            // Subnormal: mantissa * 2^-24, exactly representable in f32.
-            let magnitude = mantissa as f32 * f32::from_bits(0x3380_0000);
-            if sign != 0 {
-                -magnitude
-            } else {
-                magnitude
-            }
+        match self {
+            DType::Known(element) => Ok((element.size(), element.decoder())),
+            DType::Unsupported(class) => Err(class.clone()),
         }
-        (0x1f, _) => f32::from_bits(sign | 0x7f80_0000 | (mantissa << 13)),
-        _ => f32::from_bits(sign | ((exponent + 112) << 23) | (mantissa << 13)),
     }
 }
 
@@ -1661,10 +1611,10 @@ mod tests {
         write_zip(path, &entries);
     }
 
-    fn check_hand_built_state_dict(tensors: &[(String, TorchTensor)]) {
+    fn check_hand_built_state_dict(tensors: &[(String, HostTensor)]) {
         let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["strided", "scalar", "broadcast", "half", "long"]);
-        let t = |shape: &[usize], data: &[f32]| TorchTensor { shape: shape.to_vec(), data: data.to_vec() };
+        let t = |shape: &[usize], data: &[f32]| HostTensor { shape: shape.to_vec(), data: data.to_vec() };
         // element [i][j] = storage[1 + i + 4 j]
         assert_eq!(tensors[0].1, t(&[2, 3], &[1., 5., 9., 2., 6., 10.]));
         assert_eq!(tensors[1].1, t(&[], &[7.]));
@@ -1869,18 +1819,6 @@ mod tests {
         assert!(matches!(padded, Value::Int(-2)), "{padded:?}");
     }
 
-    #[test]
-    fn half_precision_conversion() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x7bff), 65504.0);
-        assert_eq!(f16_to_f32(0x0001), 5.9604645e-08);
-        assert_eq!(f16_to_f32(0x8001), -5.9604645e-08);
-        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
-        assert!(f16_to_f32(0x7e00).is_nan());
-        assert_eq!(f16_to_f32(0x8000).to_bits(), (-0.0f32).to_bits());
-    }
-
     /// The three header pickles `_legacy_save` writes: magic number, protocol version, sys_info.
     fn legacy_header(magic: &[u8], protocol: u16, little_endian: bool) -> Pickle {
         let mut p = Pickle::default();
@@ -1949,10 +1887,10 @@ mod tests {
         ]
     }
 
-    fn check_legacy_state_dict(tensors: &[(String, TorchTensor)]) {
+    fn check_legacy_state_dict(tensors: &[(String, HostTensor)]) {
         let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["conv.weight", "bn.num_batches_tracked", "view", "shared_a", "shared_b"]);
-        let t = |shape: &[usize], data: &[f32]| TorchTensor { shape: shape.to_vec(), data: data.to_vec() };
+        let t = |shape: &[usize], data: &[f32]| HostTensor { shape: shape.to_vec(), data: data.to_vec() };
         assert_eq!(tensors[0].1, t(&[2, 3], &[0., 1., 2., 3., 4., 5.]));
         assert_eq!(tensors[1].1, t(&[], &[123_456_789_012i64 as f32]));
         // element [i][j] = root[2 + 1 + i + 2 j] = 13 + i + 2 j
@@ -2012,7 +1950,7 @@ mod tests {
         std::fs::write(&path, legacy_file(good_header(), &object, &legacy_records()[1..2])).unwrap();
         assert_eq!(checkpoint_entries(&path).unwrap(), ["state_dict"]);
         let tensors = read_state_dict(&path, "state_dict").unwrap();
-        assert_eq!(tensors, [("w".to_string(), TorchTensor { shape: vec![2, 2], data: vec![2., 3., 4., 5.] })]);
+        assert_eq!(tensors, [("w".to_string(), HostTensor { shape: vec![2, 2], data: vec![2., 3., 4., 5.] })]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -2057,7 +1995,7 @@ mod tests {
         let path = dir.join("python.pth");
         std::fs::write(&path, bytes).unwrap();
         assert_eq!(checkpoint_entries(&path).unwrap(), ["state_dict", "epoch", "ema"]);
-        let t = |shape: &[usize], data: &[f32]| TorchTensor { shape: shape.to_vec(), data: data.to_vec() };
+        let t = |shape: &[usize], data: &[f32]| HostTensor { shape: shape.to_vec(), data: data.to_vec() };
         let sd = read_state_dict(&path, "state_dict").unwrap();
         let names: Vec<&str> = sd.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["conv.weight", "conv.view_t", "conv.shared", "bn.num_batches_tracked", "half"]);
