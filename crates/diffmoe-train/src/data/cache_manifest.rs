@@ -9,12 +9,12 @@
 //! exists, so of several processes starting together exactly one creates it
 //! and the others compare against it.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::cache_error::CacheError;
+use super::shard_claim::{publish_exclusively, unique_token};
 use super::vae_file::VaeIdentity;
 
 /// The manifest's file name inside the cache directory.
@@ -103,28 +103,15 @@ impl CacheManifest {
         if let Some(cached) = self.precheck(dir)? {
             return Ok(cached);
         }
-        let path = dir.join(MANIFEST_FILE);
-        let tmp = dir.join(format!(".{MANIFEST_FILE}.{}.tmp", super::shard_claim::unique_token()));
         let mut text = serde_json::to_string_pretty(self).expect("a manifest serialises");
         text.push('\n');
-        let written = (|| {
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(text.as_bytes())?;
-            file.sync_all()
-        })();
-        written.map_err(|e| CacheError::io(&tmp, e))?;
-        let linked = std::fs::hard_link(&tmp, &path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => Ok(self.clone()),
-            // Another process created it first: compare against theirs.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let cached = CacheManifest::read(dir)?.expect("cache.json exists");
-                self.check_against(&cached, dir)?;
-                Ok(cached)
-            }
-            Err(source) => Err(CacheError::io(path, source)),
+        if publish_exclusively(&dir.join(MANIFEST_FILE), text.as_bytes(), &unique_token())? {
+            return Ok(self.clone());
         }
+        // Another process created it first: compare against theirs.
+        let cached = CacheManifest::read(dir)?.expect("cache.json exists");
+        self.check_against(&cached, dir)?;
+        Ok(cached)
     }
 }
 

@@ -211,12 +211,19 @@ impl Drop for Claim {
 /// Publishes `owner` as `path`, atomically and exclusively; `Ok(false)` if
 /// the name exists.
 fn publish(path: &Path, owner: &ClaimOwner) -> Result<bool, CacheError> {
+    publish_exclusively(path, &serde_json::to_vec(owner).expect("a claim serialises"), &owner.token)
+}
+
+/// Creates `path` holding `bytes`, complete or not at all, unless the name
+/// exists (`Ok(false)`): the bytes go to a temporary file named after
+/// `token`, which is synced and hard-linked to `path` (a link, unlike a
+/// rename, never replaces an existing name), then removed.
+pub(super) fn publish_exclusively(path: &Path, bytes: &[u8], token: &str) -> Result<bool, CacheError> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", owner.token));
-    let json = serde_json::to_vec(owner).expect("a claim serialises");
+    let tmp = path.with_file_name(format!(".{name}.{token}.tmp"));
     let written = (|| {
         let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&json)?;
+        file.write_all(bytes)?;
         file.sync_all()
     })();
     written.map_err(|e| CacheError::io(&tmp, e))?;
