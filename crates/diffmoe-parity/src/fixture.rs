@@ -109,8 +109,14 @@ fn widened(dtype: Dtype, b: &[u8]) -> Option<Vec<f64>> {
 impl Fixture {
     /// Reads `dir/<case>.json` and `dir/<case>.safetensors`.
     pub fn read(dir: &Path, case: &str) -> Result<Self, FixtureError> {
+        let meta = read_json(&dir.join(format!("{case}.json")))?;
+        Self::with_manifest(dir, case, meta)
+    }
+
+    /// Reads `dir/<case>.safetensors` for a case whose manifest
+    /// (`dir/<case>.json`) was read already, as `meta`.
+    pub fn with_manifest(dir: &Path, case: &str, meta: Value) -> Result<Self, FixtureError> {
         let manifest = dir.join(format!("{case}.json"));
-        let meta = read_json(&manifest)?;
         let path = dir.join(format!("{case}.safetensors"));
         let bytes = std::fs::read(&path).map_err(|source| FixtureError::Io { path: path.clone(), source })?;
         let st = SafeTensors::deserialize(&bytes)

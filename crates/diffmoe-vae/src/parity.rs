@@ -85,7 +85,7 @@ pub fn check_case<B: Backend>(dir: &Path, case: &str, device: &B::Device) -> Res
     let meta = read_json(&path)?;
     let format = meta["format"].as_str().unwrap_or_default();
     if format.starts_with("VAE parity fixture") {
-        autoencoder_case::<B>(dir, case, &path, &meta, device)
+        autoencoder_case::<B>(Fixture::with_manifest(dir, case, meta)?, device)
     } else if format.starts_with("SD VAE architecture") {
         architecture_case::<B>(case, &path, &meta, device)
     } else {
@@ -117,9 +117,7 @@ struct Computed<B: Backend> {
 
 impl<B: Backend> Computed<B> {
     fn put<const D: usize>(&mut self, key: impl Into<String>, t: Tensor<B, D>) {
-        let shape = t.dims().to_vec();
-        let data = t.into_data().convert::<f32>().to_vec().expect("a float tensor reads as f32");
-        self.tensors.insert(key.into(), HostTensor { shape, data });
+        self.tensors.insert(key.into(), HostTensor::from_tensor(t));
     }
 
     fn activations(&mut self, prefix: &str, acts: Activations<B>) {
@@ -139,14 +137,8 @@ impl<B: Backend> Computed<B> {
     }
 }
 
-fn autoencoder_case<B: Backend>(
-    dir: &Path,
-    case: &str,
-    manifest: &Path,
-    meta: &Value,
-    device: &B::Device,
-) -> Result<Vec<ParityRow>, ParityError> {
-    let fixture = Fixture::read(dir, case)?;
+fn autoencoder_case<B: Backend>(fixture: Fixture, device: &B::Device) -> Result<Vec<ParityRow>, ParityError> {
+    let (case, manifest, meta) = (fixture.case.as_str(), &fixture.manifest, &fixture.meta);
     let config = AutoencoderKlConfig::from_constructor_kwargs(&meta["config"]["constructor_kwargs"])
         .map_err(|source| ParityError::Config { path: manifest.to_path_buf(), source })?;
     let weights: TensorMap = fixture
