@@ -63,7 +63,7 @@ pub struct ClassifierConfig {
 /// Why classifier weights could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifierError {
-    /// The file could not be read or written.
+    /// The file could not be read.
     #[error("classifier weights {path}")]
     Io {
         /// The file.
@@ -72,6 +72,9 @@ pub enum ClassifierError {
         #[source]
         source: std::io::Error,
     },
+    /// The file could not be written.
+    #[error(transparent)]
+    Write(#[from] diffmoe_weights::WriteError),
     /// The file is not valid safetensors.
     #[error("classifier weights {path} are not valid safetensors")]
     Safetensors {
@@ -240,8 +243,7 @@ impl<B: Backend> FeatureClassifier<B> {
             serde_json::to_string(&self.config()).expect("a config serialises"),
         )]);
         let tensors = self.named_values().into_iter().map(|(k, (shape, values))| (k, shape, values));
-        write_f32_safetensors(path, tensors, metadata)
-            .map_err(|e| ClassifierError::Io { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })
+        Ok(write_f32_safetensors(path, tensors, metadata)?)
     }
 
     fn convs(&self) -> [(&'static str, &Conv2d<B>); 5] {

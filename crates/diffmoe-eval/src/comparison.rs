@@ -161,15 +161,18 @@ pub enum ComparisonError {
     /// A plot could not be written.
     #[error(transparent)]
     Plot(#[from] PlotError),
-    /// A results file could not be written.
-    #[error("cannot write {path}")]
-    Write {
-        /// The file.
+    /// The output directory could not be created.
+    #[error("cannot create {path}")]
+    CreateDir {
+        /// The directory.
         path: PathBuf,
         /// The cause.
         #[source]
         source: std::io::Error,
     },
+    /// A results file could not be written.
+    #[error(transparent)]
+    Write(#[from] diffmoe_weights::WriteError),
 }
 
 /// One row of the results: a model sampled one way.
@@ -270,11 +273,11 @@ pub fn run_comparison<A: AutodiffBackend>(
     observer: &mut dyn ComparisonObserver,
 ) -> Result<ComparisonResults, ComparisonError> {
     type I<A> = <A as AutodiffBackend>::InnerBackend;
-    let write_error = |path: &Path| {
+    let create_error = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| ComparisonError::Write { path, source }
+        move |source| ComparisonError::CreateDir { path, source }
     };
-    std::fs::create_dir_all(out).map_err(write_error(out))?;
+    std::fs::create_dir_all(out).map_err(create_error(out))?;
     let scored = classifier.config();
     let shape = ImageShape { channels: scored.channels, height: scored.input_size, width: scored.input_size };
     let image = [shape.channels, shape.height, shape.width];
@@ -289,7 +292,7 @@ pub fn run_comparison<A: AutodiffBackend>(
     let mut rows = Vec::new();
     let mut files = Vec::new();
     let grids = out.join("grids");
-    std::fs::create_dir_all(&grids).map_err(write_error(&grids))?;
+    std::fs::create_dir_all(&grids).map_err(create_error(&grids))?;
     for name in &settings.models {
         let config = comparison_config(name, settings)?;
         let model_shape = [config.model.in_channels, config.model.input_size, config.model.input_size];
@@ -456,8 +459,7 @@ fn median_images_per_second(log: &Path) -> f64 {
 fn write_results(results: &ComparisonResults, out: &Path) -> Result<ComparisonResults, ComparisonError> {
     let mut results = results.clone();
     let write = |path: PathBuf, bytes: &[u8]| -> Result<PathBuf, ComparisonError> {
-        diffmoe_weights::write_atomically(&path, bytes)
-            .map_err(|e| ComparisonError::Write { path: path.clone(), source: std::io::Error::other(e) })?;
+        diffmoe_weights::write_atomically(&path, bytes)?;
         Ok(path)
     };
     let plot = out.join("compute_quality.png");

@@ -46,6 +46,10 @@ pub enum VaeFileError {
         source: std::io::Error,
     },
 
+    /// Procedural weights could not be written.
+    #[error(transparent)]
+    Write(#[from] diffmoe_weights::WriteError),
+
     /// The weights do not fit the architecture (missing or unexpected keys,
     /// wrong shapes, not a safetensors file).
     #[error(
@@ -191,8 +195,7 @@ pub fn write_procedural_vae<B: Backend>(
         let values = (0..numel).map(|_| centre + rng.random_range(-half_width..=half_width)).collect();
         (spec.name, spec.shape, values)
     });
-    diffmoe_weights::write_f32_safetensors(path, tensors, Default::default())
-        .map_err(|e| VaeFileError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })
+    Ok(diffmoe_weights::write_f32_safetensors(path, tensors, Default::default())?)
 }
 
 #[cfg(test)]
