@@ -5,7 +5,7 @@
 use safetensors::Dtype;
 
 /// Converts the little-endian bytes of one element to f32.
-pub type Decode = fn(&[u8]) -> f32;
+pub(crate) type Decode = fn(&[u8]) -> f32;
 
 /// An element type a weight file may store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +68,7 @@ impl Element {
     }
 
     /// The decoder of one element (its [`Element::size`] bytes).
-    pub fn decoder(self) -> Decode {
+    pub(crate) fn decoder(self) -> Decode {
         match self {
             Self::F64 => |b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32,
             Self::F32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
@@ -96,7 +96,7 @@ impl Element {
 }
 
 /// IEEE binary16 to binary32 (exact: subnormals, infinities and NaN included).
-pub fn f16_to_f32(h: u16) -> f32 {
+fn f16_to_f32(h: u16) -> f32 {
     let sign = u32::from(h >> 15) << 31;
     let exponent = u32::from((h >> 10) & 0x1f);
     let mantissa = u32::from(h & 0x3ff);

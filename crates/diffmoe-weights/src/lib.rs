@@ -21,7 +21,7 @@ mod safetensors_writer;
 mod torch_checkpoint;
 
 pub use atomic_file::write_atomically;
-pub use element::{f16_to_f32, Decode, Element};
+pub use element::Element;
 pub use error::WriteError;
 pub use host_tensor::HostTensor;
 pub use safetensors_writer::write_f32_safetensors;
