@@ -107,7 +107,8 @@ pub struct Row {
 /// The whole report.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// `git rev-parse HEAD` of the working tree, if available.
+    /// The working tree's commit, `-dirty` if tracked files were changed
+    /// (`git describe`), where git and the repository are at hand.
     pub commit: Option<String>,
     /// The backend and device.
     pub device: String,
@@ -298,8 +299,13 @@ fn matmul_peak<B: Backend>(device: &B::Device) -> (f64, usize) {
     (2.0 * (size as f64).powi(3) / best, size)
 }
 
+/// The working tree's commit, abbreviated, with "-dirty" where tracked files
+/// differ from it.
 fn git_commit() -> Option<String> {
-    let out = std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()?;
+    let out = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"])
+        .output()
+        .ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
