@@ -77,7 +77,7 @@ enum Command {
     /// Time train steps, inference forwards, sampling and MLP layers; print a
     /// table and write JSON.
     Bench(bench::BenchArgs),
-    /// Write configs/<name>.toml for the paper's table rows and the tiny presets.
+    /// Write configs/NAME.toml for the paper's table rows and the tiny presets.
     Configs {
         /// Output directory.
         #[arg(long, default_value = "configs")]

@@ -38,7 +38,7 @@ pub struct TrainArgs {
     /// one replica per device.
     #[arg(long, value_delimiter = ',')]
     pub device: Vec<DeviceSpec>,
-    /// The run directory (default: runs/<config name>, numbered if taken). Never overwritten.
+    /// The run directory (default: runs/CONFIG_NAME, numbered if taken). Never overwritten.
     #[arg(long, conflicts_with = "resume")]
     pub out: Option<PathBuf>,
     /// Continue the run in this directory from its latest checkpoint.
