@@ -8,7 +8,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::activation::{gelu_tanh, silu};
 use crate::broadcast::broadcast_middle;
 use crate::init;
-use crate::matmul::matmul;
+use crate::matmul::{matmul, matmul_filled_rows};
 
 /// Which feed-forward network each expert (and each dense MLP) is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -102,18 +102,68 @@ impl<B: Backend> ExpertBank<B> {
     /// # Shapes
     /// - `x`: `[n_experts, tokens, d_model]` -> `[n_experts, tokens, d_model]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_with(x, matmul)
+    }
+
+    /// Runs expert `e` on the first `filled[e]` rows of row `e` of the input
+    /// (its tokens; the rows below are padding), in inference: on the CPU
+    /// backend the padding is not computed
+    /// ([`matmul_filled_rows`](crate::matmul::matmul_filled_rows)). The
+    /// output rows of the padding are unspecified (but finite for finite
+    /// weights and inputs): the caller weights them by zero.
+    ///
+    /// # Shapes
+    /// - `x`: `[n_experts, slots, d_model]`, `filled`: `n_experts` counts
+    ///   `<= slots` -> `[n_experts, slots, d_model]`
+    pub fn forward_filled(&self, x: Tensor<B, 3>, filled: &[usize]) -> Tensor<B, 3> {
+        self.forward_with(x, |lhs, rhs| matmul_filled_rows(lhs, rhs, filled))
+    }
+
+    /// The experts with their products taken by `product`.
+    fn forward_with(
+        &self,
+        x: Tensor<B, 3>,
+        product: impl Fn(Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
         match self {
             Self::Gelu(e) => {
                 let k = x.dims()[1];
-                let h = matmul(x, e.fc1_weight.val()) + broadcast_middle(e.fc1_bias.val(), k); // [E, K, H]
-                matmul(gelu_tanh(h), e.fc2_weight.val()) + broadcast_middle(e.fc2_bias.val(), k)
+                let h = product(x, e.fc1_weight.val()) + broadcast_middle(e.fc1_bias.val(), k); // [E, K, H]
+                product(gelu_tanh(h), e.fc2_weight.val()) + broadcast_middle(e.fc2_bias.val(), k)
                 // [E, K, D]
             }
             Self::SwiGlu(e) => {
-                let gate = silu(matmul(x.clone(), e.gate_proj.val())); // [E, K, H]
-                let up = matmul(x, e.up_proj.val()); // [E, K, H]
-                matmul(gate * up, e.down_proj.val()) // [E, K, D]
+                let gate = silu(product(x.clone(), e.gate_proj.val())); // [E, K, H]
+                let up = product(x, e.up_proj.val()); // [E, K, H]
+                product(gate * up, e.down_proj.val()) // [E, K, D]
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn filled_experts_equal_the_experts_on_their_tokens() {
+        let device = Default::default();
+        for kind in [ExpertKind::Gelu, ExpertKind::SwiGlu] {
+            let bank = ExpertBank::<Flex>::new(kind, 4, 8, 16, &device);
+            let x = Tensor::<Flex, 3>::random([4, 6, 8], Distribution::Normal(0.0, 1.0), &device);
+            let filled = [6, 0, 3, 1];
+            let all = bank.forward(x.clone());
+            let ours = bank.forward_filled(x, &filled);
+            assert_eq!(ours.dims(), [4, 6, 8]);
+            for (e, &f) in filled.iter().enumerate().filter(|(_, &f)| f > 0) {
+                let rows = |t: &Tensor<Flex, 3>| t.clone().slice([e..e + 1, 0..f]).into_data();
+                rows(&ours).assert_eq(&rows(&all), true);
+            }
+            let finite: Vec<f32> =
+                bank.forward_filled(Tensor::zeros([4, 6, 8], &device), &filled).into_data().to_vec().unwrap();
+            assert!(finite.iter().all(|v| v.is_finite()));
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{activation, backend::Backend, ElementConversion, Int, Tensor};
+use burn::tensor::{activation, backend::Backend, Int, Tensor};
 
 use crate::activation::softmax_last;
 use crate::capacity::{capacity_k, CapacityPredictor};
@@ -192,7 +192,9 @@ impl<B: Backend> DiffMoeLayer<B> {
     /// The slots past `k_e` are weighted by zero, so all
     /// experts still run as batched matmuls: over chunks of the slot axis,
     /// so that the layer's memory stays that of about `S` expert rows however
-    /// the tokens fall.
+    /// the tokens fall. On the CPU backend the products skip the padding
+    /// (`sum_e k_e` rows computed, not `E * max_e k_e`: a trained model's
+    /// experts take unequal shares at a given noise level).
     fn route_by_threshold(
         &self,
         pool: &TokenPool<B>,
@@ -207,8 +209,10 @@ impl<B: Backend> DiffMoeLayer<B> {
         let above = activation::sigmoid(logits.clone()).greater(thresholds).transpose(); // [E, S]
         let counts = above.clone().int().sum_dim(1).reshape([n_experts]); // [E]
 
-        // The one host synchronisation of the layer: the slots of the expert batch.
-        let k_max = counts.clone().max().into_scalar().elem::<i64>().max(0) as usize;
+        // The one host synchronisation of the layer: each expert's tokens,
+        // which size the expert batch and bound the rows computed.
+        let filled: Vec<usize> = counts.clone().into_data().iter::<i64>().map(|c| c.max(0) as usize).collect();
+        let k_max = filled.iter().copied().max().unwrap_or(0);
         let (y, mut stats) = if k_max == 0 {
             let d_model = pool.x.dims()[1];
             let none = Tensor::<B, 2, Int>::zeros([n_experts, 1], &device);
@@ -222,7 +226,7 @@ impl<B: Backend> DiffMoeLayer<B> {
             }; // [E, slots]: expert e's tokens in its first k_e slots
             let valid = filled_slots(counts.clone(), plan.slots); // [E, slots]
             let weights = scores.gather(1, indices.clone()) * valid.clone(); // [E, slots]
-            let y = pool.dispatch_in_chunks(&self.experts, indices.clone(), weights.clone(), plan.chunk);
+            let y = pool.dispatch_padded(&self.experts, indices.clone(), weights.clone(), &filled, plan.chunk);
             (y, pool.expert_choice_stats(indices, weights, valid))
         };
         stats.tokens_per_expert = counts;

@@ -17,11 +17,12 @@ use burn::backend::autodiff::ops::{binary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::nn::Linear;
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{backend::Backend, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
+use core::any::TypeId;
 use rayon::prelude::*;
 
-use crate::fused::{flex_from_vec, is_cpu, on_cpu_pair};
+use crate::fused::{cast, flex_from_vec, from_flex, is_cpu, on_cpu_pair};
 
 /// Products of at least this many multiply-adds split one matrix across
 /// threads (burn-flex's threshold).
@@ -42,6 +43,26 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
         return lhs.matmul(rhs);
     }
     on_cpu_pair(lhs, rhs, flex_matmul, autodiff_matmul::<D>).unwrap_or_else(|(lhs, rhs)| lhs.matmul(rhs))
+}
+
+/// `lhs @ rhs` where only the first `filled[i]` rows of matrix `i` are
+/// needed: the products of experts over padded slots, in inference. On the
+/// CPU backend (`Flex`, f32) only those rows are computed and the rows below
+/// them are zeros; elsewhere (GPU backends, autodiff) it is [`matmul`], so
+/// the rows below hold the product of whatever the padding holds. Callers
+/// weight those rows by zero.
+///
+/// # Shapes
+/// - `lhs`: `[batch, m, k]`, `rhs`: `[batch, k, n]`, `filled`: `batch`
+///   counts, each at most `m` -> `[batch, m, n]`
+pub fn matmul_filled_rows<B: Backend>(lhs: Tensor<B, 3>, rhs: Tensor<B, 3>, filled: &[usize]) -> Tensor<B, 3> {
+    let [batch, m, _] = lhs.dims();
+    assert!(filled.len() == batch && filled.iter().all(|&f| f <= m), "{filled:?} filled rows of {batch} x {m}");
+    if TypeId::of::<B>() != TypeId::of::<Flex>() || lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32 {
+        return matmul(lhs, rhs);
+    }
+    let (lhs, rhs): (Tensor<Flex, 3>, Tensor<Flex, 3>) = (cast(lhs), cast(rhs));
+    from_flex(flex_product(lhs.into_primitive().tensor(), rhs.into_primitive().tensor(), Some(filled)))
 }
 
 /// `x @ weight + bias` of a burn [`Linear`] layer, its products by
@@ -109,6 +130,12 @@ impl OutPtr {
 /// # Shapes
 /// - `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` -> `[..., m, n]`
 pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+    flex_product(lhs, rhs, None)
+}
+
+/// [`flex_matmul`], computing only the first `filled[i]` rows of matrix `i`
+/// when `filled` is given and zeroing the rest.
+fn flex_product(lhs: FlexTensor, rhs: FlexTensor, filled: Option<&[usize]>) -> FlexTensor {
     let (ls, rs) = (lhs.layout().shape().clone(), rhs.layout().shape().clone());
     let d = ls.num_dims();
     let (m, k, n) = (ls[d - 2], ls[d - 1], rs[d - 1]);
@@ -120,6 +147,8 @@ pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
         return <Flex as FloatTensorOps<Flex>>::float_matmul(lhs, rhs);
     };
     let batch: usize = (0..d - 2).map(|i| ls[i]).product();
+    // The rows computed of each matrix.
+    let rows = |i: usize| filled.map_or(m, |f| f[i]);
     let mut dims: Vec<usize> = ls.iter().copied().collect();
     dims[d - 1] = n;
     let len = batch * m * n;
@@ -129,50 +158,57 @@ pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
     } else if len > 0 {
         let (a_data, b_data) = (lhs.storage::<f32>(), rhs.storage::<f32>());
         let dst = OutPtr(out.as_mut_ptr());
-        // Matrix `i` of the product into `out`, element `(r, c)` at
-        // `r * out_row + c * out_col`: gemm writes all `m x n` entries
-        // (`read_dst` is false), so the buffer needs no initialisation.
-        let product = |out: *mut f32, out_row: isize, out_col: isize, i: usize, parallelism: gemm::Parallelism| {
-            let i_ = i as isize;
-            // SAFETY: the offsets address elements of the operands' buffers
-            // (their layouts describe views into them), and the caller's
-            // `out` holds `m x n` elements at the given strides.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    out,
-                    out_col,
-                    out_row,
-                    false,
-                    a_data.as_ptr().offset(a.offset + i_ * a.batch),
-                    a.col,
-                    a.row,
-                    b_data.as_ptr().offset(b.offset + i_ * b.batch),
-                    b.col,
-                    b.row,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                )
-            }
-        };
+        // The first `rows` rows of matrix `i` of the product into `out`,
+        // element `(r, c)` at `r * out_row + c * out_col`: gemm writes all
+        // `rows x n` entries (`read_dst` is false), so the buffer needs no
+        // initialisation.
+        let product =
+            |out: *mut f32, out_row: isize, out_col: isize, i: usize, rows: usize, parallelism: gemm::Parallelism| {
+                let i_ = i as isize;
+                // SAFETY: the offsets address elements of the operands' buffers
+                // (their layouts describe views into them), `rows <= m`, and the
+                // caller's `out` holds `rows x n` elements at the given strides.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        n,
+                        k,
+                        out,
+                        out_col,
+                        out_row,
+                        false,
+                        a_data.as_ptr().offset(a.offset + i_ * a.batch),
+                        a.col,
+                        a.row,
+                        b_data.as_ptr().offset(b.offset + i_ * b.batch),
+                        b.col,
+                        b.row,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    )
+                }
+            };
         let row_major = |i: usize, parallelism| {
-            // SAFETY: matrix `i` of the output lies within its capacity.
-            product(unsafe { dst.at(i * m * n) }, n as isize, 1, i, parallelism)
+            let rows = rows(i);
+            if rows > 0 {
+                // SAFETY: matrix `i` of the output lies within its capacity.
+                product(unsafe { dst.at(i * m * n) }, n as isize, 1, i, rows, parallelism);
+            }
+            // SAFETY: rows `rows..m` of matrix `i` lie within the capacity.
+            unsafe { dst.at(i * m * n + rows * n).write_bytes(0, (m - rows) * n) };
         };
-        let per_matrix = m * n * k;
-        if batch >= 4 && batch * per_matrix >= PARALLEL_BATCH {
-            if b.row == 1 && column_major_pays(m, k, n) {
+        let work = filled.map_or(batch * m, |f| f.iter().sum()) * n * k;
+        if batch >= 4 && work >= PARALLEL_BATCH {
+            if filled.is_none() && b.row == 1 && column_major_pays(m, k, n) {
                 // Each matrix goes through a column-major scratch buffer and
                 // is transposed into place.
                 (0..batch).into_par_iter().for_each(|i| {
                     let mut scratch = Vec::<f32>::with_capacity(m * n);
-                    product(scratch.as_mut_ptr(), 1, m as isize, i, gemm::Parallelism::None);
+                    product(scratch.as_mut_ptr(), 1, m as isize, i, m, gemm::Parallelism::None);
                     // SAFETY: gemm wrote all `m x n` elements.
                     unsafe { scratch.set_len(m * n) };
                     // SAFETY: matrix `i` of the output lies within its capacity.
@@ -183,9 +219,14 @@ pub(crate) fn flex_matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
                 (0..batch).into_par_iter().for_each(|i| row_major(i, gemm::Parallelism::None));
             }
         } else {
-            let parallelism =
-                if per_matrix >= PARALLEL_MATRIX { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-            (0..batch).for_each(|i| row_major(i, parallelism));
+            (0..batch).for_each(|i| {
+                let parallelism = if rows(i) * n * k >= PARALLEL_MATRIX {
+                    gemm::Parallelism::Rayon(0)
+                } else {
+                    gemm::Parallelism::None
+                };
+                row_major(i, parallelism)
+            });
         }
         // SAFETY: every element was written above.
         unsafe { out.set_len(len) };
@@ -322,6 +363,38 @@ mod tests {
         assert!(!column_major_pays(160, 96, 64));
         equals_burn([4, 64, 160], [4, 64, 96], [4, 160, 96]);
         equals_burn([2, 3, 16, 8], [2, 3, 16, 8], [2, 3, 8, 8]); // two batch axes, as attention's
+    }
+
+    #[test]
+    fn filled_rows_are_the_products_rows_and_zeros_below() {
+        // Serial (small) and batch-parallel (large) products, with empty,
+        // partial and full matrices.
+        for (shape, filled) in [
+            ([3, 5, 4, 6], vec![0, 5, 2]),
+            ([5, 64, 96, 128], vec![64, 0, 1, 40, 63]),
+            ([2, 300, 200, 210], vec![300, 17]),
+        ] {
+            let [batch, m, k, n] = shape;
+            let (lhs, rhs) = (rand::<Flex, 3>([batch, m, k]), rand::<Flex, 3>([batch, k, n]));
+            let full: Vec<f32> = matmul(lhs.clone(), rhs.clone()).into_data().to_vec().unwrap();
+            let ours: Vec<f32> = matmul_filled_rows(lhs, rhs, &filled).into_data().to_vec().unwrap();
+            for (i, &f) in filled.iter().enumerate() {
+                let (start, split, end) = (i * m * n, (i * m + f) * n, (i + 1) * m * n);
+                assert_eq!(ours[start..split], full[start..split], "matrix {i} of {shape:?}");
+                assert!(ours[split..end].iter().all(|&v| v == 0.0), "matrix {i} of {shape:?}");
+            }
+        }
+        // Elsewhere it is the whole product.
+        let (lhs, rhs) = (rand::<Ad, 3>([2, 3, 4]), rand::<Ad, 3>([2, 4, 5]));
+        matmul_filled_rows(lhs.clone(), rhs.clone(), &[1, 0])
+            .into_data()
+            .assert_eq(&matmul(lhs, rhs).into_data(), true);
+    }
+
+    #[test]
+    #[should_panic(expected = "filled rows")]
+    fn filled_rows_beyond_the_matrix_are_refused() {
+        matmul_filled_rows(rand::<Flex, 3>([1, 2, 3]), rand::<Flex, 3>([1, 3, 4]), &[3]);
     }
 
     #[test]

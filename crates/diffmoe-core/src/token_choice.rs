@@ -5,7 +5,7 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Distribution, ElementConversion, IndexingUpdateOp, Tensor};
+use burn::tensor::{backend::Backend, Distribution, IndexingUpdateOp, Tensor};
 
 use crate::activation::softmax_last;
 use crate::compaction::{compact, filled_slots};
@@ -81,8 +81,9 @@ impl<B: Backend> TokenChoiceLayer<B> {
     /// Token-choice routing. The per-expert token lists have different
     /// lengths; they are padded to the longest (read on the host once per
     /// layer) with zero-weight rows so that all experts still run as one
-    /// batched matmul. An expert with no token gets a zero gradient, as in the
-    /// official training path.
+    /// batched matmul (whose padding the CPU backend skips in inference). An
+    /// expert with no token gets a zero gradient, as in the official
+    /// training path.
     ///
     /// # Shapes
     /// - `x`: `[batch, tokens, d_model]` -> `[batch, tokens, d_model]`
@@ -102,13 +103,15 @@ impl<B: Backend> TokenChoiceLayer<B> {
         let combine = scores.clone() * assigned.clone(); // [S, E]
 
         let counts = assigned.clone().sum_dim(0).reshape([n_experts]); // [E]
-                                                                       // The one host synchronisation of this layer: the padded expert batch.
-        let longest = (counts.clone().max().into_scalar().elem::<f64>() as usize).max(1);
+                                                                       // The one host synchronisation of this layer: each expert's tokens,
+                                                                       // which size the padded expert batch.
+        let filled: Vec<usize> = counts.clone().into_data().iter::<f32>().map(|c| c as usize).collect();
+        let longest = filled.iter().copied().max().unwrap_or(0).max(1);
         // Each expert's tokens in pool order, then padding (row 0) weighted by zero.
         let rows = compact(assigned.clone().transpose().greater_elem(0.0), longest); // [E, longest]
         let valid = filled_slots(counts.clone().int(), longest); // [E, longest]
         let weights = combine.clone().transpose().gather(1, rows.clone()) * valid; // [E, longest]
-        let y = pool.unflatten(pool.dispatch(&self.experts, rows, weights));
+        let y = pool.unflatten(pool.dispatch_padded(&self.experts, rows, weights, &filled, longest));
         let y = match &self.shared_experts {
             Some(shared) => y + shared.forward(x),
             None => y,

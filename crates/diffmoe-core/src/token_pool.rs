@@ -47,23 +47,30 @@ impl<B: Backend> TokenPool<B> {
     /// - returns `[batch * tokens, d_model]`
     pub fn dispatch(&self, experts: &ExpertBank<B>, indices: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
         let d_model = self.x.dims()[1];
-        self.dispatch_into(Tensor::zeros([self.len(), d_model], &self.x.device()), experts, indices, weights)
+        let zeros = Tensor::zeros([self.len(), d_model], &self.x.device());
+        self.dispatch_into(zeros, indices, weights, |inputs| experts.forward(inputs))
     }
 
-    /// [`Self::dispatch`] over the slot axis in chunks of at most `chunk`
-    /// slots, each one batched matmul over all experts, summed into one
-    /// output: the intermediates of a chunk are `n_experts * chunk` rows
-    /// whatever `k` is. For inference, where nothing is kept for a backward
-    /// pass.
+    /// [`Self::dispatch`] over padded slots: expert `e` holds its tokens in
+    /// its first `filled[e]` slots, and the slots past them are weighted by
+    /// zero. Runs over the slot axis in chunks of at most `chunk` slots,
+    /// each one batched matmul over all experts, summed into one output: in
+    /// inference the intermediates of a chunk are `n_experts * chunk` rows
+    /// whatever `k` is (under autodiff every chunk's are kept for the
+    /// backward pass: pass `chunk = k`). A chunk where every expert's slots
+    /// are padding is skipped, and in inference on the CPU backend the
+    /// padding of the others is not computed ([`ExpertBank::forward_filled`]).
     ///
     /// # Shapes
-    /// - `indices`: `[n_experts, k]` pool rows, `weights`: `[n_experts, k]`
+    /// - `indices`: `[n_experts, k]` pool rows, `weights`: `[n_experts, k]`,
+    ///   `filled`: `n_experts` counts `<= k`
     /// - returns `[batch * tokens, d_model]`
-    pub fn dispatch_in_chunks(
+    pub fn dispatch_padded(
         &self,
         experts: &ExpertBank<B>,
         indices: Tensor<B, 2, Int>,
         weights: Tensor<B, 2>,
+        filled: &[usize],
         chunk: usize,
     ) -> Tensor<B, 2> {
         let [_, k] = indices.dims();
@@ -71,29 +78,33 @@ impl<B: Backend> TokenPool<B> {
         let chunk = chunk.max(1);
         (0..k).step_by(chunk).fold(Tensor::zeros([self.len(), d_model], &self.x.device()), |acc, start| {
             let len = chunk.min(k - start);
+            let filled: Vec<usize> = filled.iter().map(|&f| f.saturating_sub(start).min(len)).collect();
+            if filled.iter().all(|&f| f == 0) {
+                return acc;
+            }
             self.dispatch_into(
                 acc,
-                experts,
                 indices.clone().narrow(1, start, len),
                 weights.clone().narrow(1, start, len),
+                |inputs| experts.forward_filled(inputs, &filled),
             )
         })
     }
 
-    /// `acc` plus the weighted expert outputs of `indices`, summed into their
-    /// tokens.
+    /// `acc` plus the weighted outputs of `experts` on the rows `indices`,
+    /// summed into their tokens.
     fn dispatch_into(
         &self,
         acc: Tensor<B, 2>,
-        experts: &ExpertBank<B>,
         indices: Tensor<B, 2, Int>,
         weights: Tensor<B, 2>,
+        experts: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
     ) -> Tensor<B, 2> {
         let [n_experts, k] = indices.dims();
         let d_model = self.x.dims()[1];
         let flat = indices.reshape([n_experts * k]);
         let inputs = self.x.clone().select(0, flat.clone()).reshape([n_experts, k, d_model]);
-        let outputs = experts.forward(inputs) * weights.unsqueeze_dim(2); // [E, k, D]
+        let outputs = experts(inputs) * weights.unsqueeze_dim(2); // [E, k, D]
         acc.select_assign(0, flat, outputs.reshape([n_experts * k, d_model]), IndexingUpdateOp::Add)
     }
 
@@ -176,7 +187,7 @@ mod tests {
         for chunk in [1, 2, 5] {
             let idx = Tensor::<Flex, 2, Int>::from_data(TensorData::from([[2i64, 0], [0, 1]]), &device);
             let w = Tensor::<Flex, 2>::from_data(TensorData::from([[0.5f32, 0.25], [1.0, 2.0]]), &device);
-            let y = pool.dispatch_in_chunks(&experts, idx, w, chunk);
+            let y = pool.dispatch_padded(&experts, idx, w, &[2, 2], chunk);
             y.into_data().assert_approx_eq::<f32>(&expected.clone().into_data(), burn::tensor::Tolerance::default());
         }
     }

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use burn::module::AutodiffModule;
 use burn::tensor::{backend::AutodiffBackend, backend::Backend, ElementConversion, Int, Tensor};
 use serde_json::Value;
 
@@ -84,6 +85,22 @@ impl Computed {
 
     fn scalar(&mut self, key: impl Into<String>, v: f64) {
         self.tensors.insert(key.into(), HostTensor { shape: vec![], data: vec![v as f32] });
+    }
+
+    /// The output, activations and routing of one forward of `model`.
+    fn forward<B: Backend>(
+        &mut self,
+        prefix: &str,
+        model: &DiT<B>,
+        x: Tensor<B, 4>,
+        t: Tensor<B, 1>,
+        y: Tensor<B, 1, Int>,
+        routing: Routing,
+    ) {
+        let (out, act) = model.forward_traced(x, t, y, routing);
+        self.put(format!("{prefix}.out"), out.output.clone());
+        self.activations(prefix, act);
+        self.routing(prefix, model, &out.routing);
     }
 
     fn activations<B: Backend>(&mut self, prefix: &str, a: Activations<B>) {
@@ -234,17 +251,16 @@ fn compute_model_case<B: AutodiffBackend>(
     let mut c = Computed::default();
     let t_input = |fx: &Fixture, key: &str| fx.float::<B, 1>(key, device);
 
+    // Inference runs as `diffmoe sample` and `eval` run it: on the backend
+    // without autodiff (where the CPU backend skips the experts' padding).
+    let inference = model.valid();
+
     // Forwards: train, eval (dynamic routing for DiffMoE), static.
     let (x, t, y) = (fx.float::<B, 4>("inputs.x", device)?, t_input(fx, "inputs.t")?, fx.int::<B>("inputs.y", device)?);
-    let mut modes = vec![("train", Routing::Train), ("eval", Routing::DYNAMIC)];
+    c.forward("train", &model, x.clone(), t.clone(), y.clone(), Routing::Train);
+    c.forward("eval", &inference, x.clone().inner(), t.clone().inner(), y.clone().inner(), Routing::DYNAMIC);
     if family == Family::Diffmoe {
-        modes.push(("static", Routing::Static));
-    }
-    for (prefix, routing) in modes {
-        let (out, act) = model.forward_traced(x.clone(), t.clone(), y.clone(), routing);
-        c.put(format!("{prefix}.out"), out.output.clone());
-        c.activations(prefix, act);
-        c.routing(prefix, &model, &out.routing);
+        c.forward("static", &model, x, t, y, Routing::Static);
     }
 
     // The training loss and the gradient of every parameter.
@@ -287,9 +303,9 @@ fn compute_model_case<B: AutodiffBackend>(
     // Classifier-free guidance as the official `forward_with_cfg` (3 channels).
     if fx.tensors.contains_key("cfg.x") {
         let scale = fx.meta["cfg_scale"].as_f64().ok_or_else(|| malformed("missing `cfg_scale`".into()))?;
-        let out = model.forward_with_cfg(
+        let out = inference.forward_with_cfg(
             fx.float("cfg.x", device)?,
-            t_input(fx, "cfg.t")?,
+            fx.float("cfg.t", device)?,
             fx.int("cfg.y", device)?,
             scale,
             CfgChannels::First(3),
@@ -298,8 +314,8 @@ fn compute_model_case<B: AutodiffBackend>(
         c.put("cfg.out", out.output);
     }
 
-    compute_flow_sampling(fx, &model, &mut c, device)?;
-    compute_ddpm_sampling(fx, &model, &mut c, device)?;
+    compute_flow_sampling(fx, &inference, &mut c, device)?;
+    compute_ddpm_sampling(fx, &inference, &mut c, device)?;
     Ok(c)
 }
 
