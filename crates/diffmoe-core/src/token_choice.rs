@@ -103,8 +103,9 @@ impl<B: Backend> TokenChoiceLayer<B> {
         let combine = scores.clone() * assigned.clone(); // [S, E]
 
         let counts = assigned.clone().sum_dim(0).reshape([n_experts]); // [E]
-                                                                       // The one host synchronisation of this layer: each expert's tokens,
-                                                                       // which size the padded expert batch.
+
+        // The one host synchronisation of this layer: each expert's tokens,
+        // which size the padded expert batch.
         let filled: Vec<usize> = counts.clone().into_data().iter::<f32>().map(|c| c as usize).collect();
         let longest = filled.iter().copied().max().unwrap_or(0).max(1);
         // Each expert's tokens in pool order, then padding (row 0) weighted by zero.
