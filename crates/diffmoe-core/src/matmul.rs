@@ -47,10 +47,10 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
 
 /// `lhs @ rhs` where only the first `filled[i]` rows of matrix `i` are
 /// needed: the products of experts over padded slots, in inference. On the
-/// CPU backend (`Flex`, f32) only those rows are computed and the rows below
-/// them are zeros; elsewhere (GPU backends, autodiff) it is [`matmul`], so
-/// the rows below hold the product of whatever the padding holds. Callers
-/// weight those rows by zero.
+/// CPU backend (`Flex`, f32) only those rows are computed, and the rows below
+/// them are zeros; elsewhere (GPU backends, autodiff) it is [`matmul`], and
+/// they hold the product of whatever the padding holds. Callers weight those
+/// rows by zero.
 ///
 /// # Shapes
 /// - `lhs`: `[batch, m, k]`, `rhs`: `[batch, k, n]`, `filled`: `batch`
@@ -144,6 +144,7 @@ fn flex_product(lhs: FlexTensor, rhs: FlexTensor, filled: Option<&[usize]>) -> F
         "flex_matmul: shapes {ls:?} @ {rs:?}"
     );
     let (Some(a), Some(b)) = (Operand::of(&lhs), Operand::of(&rhs)) else {
+        // (All rows; the experts' gathered inputs never come this way.)
         return <Flex as FloatTensorOps<Flex>>::float_matmul(lhs, rhs);
     };
     let batch: usize = (0..d - 2).map(|i| ls[i]).product();
