@@ -166,7 +166,8 @@ impl<B: Backend> TokenPool<B> {
 mod tests {
     use super::*;
     use crate::expert_bank::{ExpertBank, ExpertKind};
-    use burn::backend::Flex;
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::AutodiffModule;
     use burn::tensor::TensorData;
 
     #[test]
@@ -190,5 +191,33 @@ mod tests {
             let y = pool.dispatch_padded(&experts, idx, w, &[2, 2], chunk);
             y.into_data().assert_approx_eq::<f32>(&expected.clone().into_data(), burn::tensor::Tolerance::default());
         }
+    }
+
+    #[test]
+    fn padded_dispatch_skips_the_padding_on_every_backend_path() {
+        type Ad = Autodiff<Flex>;
+        let device = Default::default();
+        let ad_experts = ExpertBank::<Ad>::new(ExpertKind::SwiGlu, 3, 4, 8, &device);
+        let experts = ad_experts.valid();
+        let x = Tensor::<Flex, 3>::random([2, 3, 4], burn::tensor::Distribution::Default, &device);
+        // Expert 0 takes tokens {4, 1, 5}, expert 1 {3}, expert 2 none; the
+        // other slots are padding (row 0, weight 0). With one slot per chunk
+        // the last chunk is padding only.
+        let idx = Tensor::<Flex, 2, Int>::from_data(TensorData::from([[4i64, 1, 5, 0], [3, 0, 0, 0], [0; 4]]), &device);
+        let w = Tensor::<Flex, 2>::from_data(
+            TensorData::from([[0.5f32, 0.25, 2.0, 0.0], [1.5, 0.0, 0.0, 0.0], [0.0; 4]]),
+            &device,
+        );
+        let filled = [3, 1, 0];
+        let pool = TokenPool::new(x.clone());
+        let expected = pool.dispatch(&experts, idx.clone(), w.clone()).into_data();
+        for chunk in [1, 2, 3, 4] {
+            let y = pool.dispatch_padded(&experts, idx.clone(), w.clone(), &filled, chunk);
+            y.into_data().assert_approx_eq::<f32>(&expected, burn::tensor::Tolerance::default());
+        }
+        // Under autodiff the products are whole.
+        let ad_pool = TokenPool::new(Tensor::<Ad, 3>::from_inner(x));
+        let y = ad_pool.dispatch_padded(&ad_experts, Tensor::from_inner(idx), Tensor::from_inner(w), &filled, 2);
+        y.inner().into_data().assert_approx_eq::<f32>(&expected, burn::tensor::Tolerance::default());
     }
 }
