@@ -27,13 +27,21 @@
 # L_PRESETS, S_BATCH, L_BATCH, REPEAT_S, REPEAT_L and SHAPE (extra bench
 # arguments, e.g. "--image-size 8 --warmup 1").
 set -uo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/../.."
 
+# The absolute path of $1, a path relative to the caller's directory.
+from_caller() {
+  (cd "$CALLER_DIR" && cd "$1" && pwd)
+}
+
 prepare() {
-  local official="${1:-}"
   set -e
-  cargo build --release -p xtask --features "${FEATURES:-cuda}"
-  local target="${CARGO_TARGET_DIR:-target}"
+  local official=""
+  [ -n "${1:-}" ] && official=$(from_caller "$1")
+  local target=target
+  [ -n "${CARGO_TARGET_DIR:-}" ] && target=$(from_caller "$CARGO_TARGET_DIR")
+  CARGO_TARGET_DIR="$target" cargo build --release -p xtask --features "${FEATURES:-cuda}"
   rm -rf .gpu && mkdir -p .gpu/fixtures
   # Stripped and compressed (56 MB -> 11 MB): what travels is 64 MiB at most.
   strip -o .gpu/xtask "$target/release/xtask"
