@@ -17,12 +17,11 @@ use burn::backend::autodiff::ops::{binary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::nn::Linear;
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Shape, Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
-use core::any::TypeId;
 use rayon::prelude::*;
 
-use crate::fused::{cast, flex_from_vec, from_flex, is_cpu, on_cpu_pair};
+use crate::fused::{flex_from_vec, is_cpu, on_cpu_pair};
 
 /// Products of at least this many multiply-adds split one matrix across
 /// threads (burn-flex's threshold).
@@ -58,11 +57,8 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
 pub fn matmul_filled_rows<B: Backend>(lhs: Tensor<B, 3>, rhs: Tensor<B, 3>, filled: &[usize]) -> Tensor<B, 3> {
     let [batch, m, _] = lhs.dims();
     assert!(filled.len() == batch && filled.iter().all(|&f| f <= m), "{filled:?} filled rows of {batch} x {m}");
-    if TypeId::of::<B>() != TypeId::of::<Flex>() || lhs.dtype() != DType::F32 || rhs.dtype() != DType::F32 {
-        return matmul(lhs, rhs);
-    }
-    let (lhs, rhs): (Tensor<Flex, 3>, Tensor<Flex, 3>) = (cast(lhs), cast(rhs));
-    from_flex(flex_product(lhs.into_primitive().tensor(), rhs.into_primitive().tensor(), Some(filled)))
+    on_cpu_pair(lhs, rhs, |lhs, rhs| flex_product(lhs, rhs, Some(filled)), autodiff_matmul::<3>)
+        .unwrap_or_else(|(lhs, rhs)| lhs.matmul(rhs))
 }
 
 /// `x @ weight + bias` of a burn [`Linear`] layer, its products by
