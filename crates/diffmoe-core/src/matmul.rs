@@ -189,32 +189,31 @@ fn flex_product(lhs: FlexTensor, rhs: FlexTensor, filled: Option<&[usize]>) -> F
                     )
                 }
             };
-        let row_major = |i: usize, parallelism| {
+        // Matrix `i`: its first `rows` rows, then zeros down to `m`. A
+        // matrix on a thread of its own goes column-major where that pays.
+        let matrix = |i: usize, parallelism: Option<gemm::Parallelism>| {
             let rows = rows(i);
             if rows > 0 {
                 // SAFETY: matrix `i` of the output lies within its capacity.
-                product(unsafe { dst.at(i * m * n) }, n as isize, 1, i, rows, parallelism);
+                let out = unsafe { dst.at(i * m * n) };
+                if parallelism.is_none() && b.row == 1 && column_major_pays(rows, k, n) {
+                    // Through a column-major scratch buffer, transposed into place.
+                    let mut scratch = Vec::<f32>::with_capacity(rows * n);
+                    product(scratch.as_mut_ptr(), 1, rows as isize, i, rows, gemm::Parallelism::None);
+                    // SAFETY: gemm wrote all `rows x n` elements.
+                    unsafe { scratch.set_len(rows * n) };
+                    // SAFETY: the first `rows` rows of matrix `i` lie within the capacity.
+                    transpose_into(&scratch, rows, n, unsafe { core::slice::from_raw_parts_mut(out, rows * n) });
+                } else {
+                    product(out, n as isize, 1, i, rows, parallelism.unwrap_or(gemm::Parallelism::None));
+                }
             }
             // SAFETY: rows `rows..m` of matrix `i` lie within the capacity.
             unsafe { dst.at(i * m * n + rows * n).write_bytes(0, (m - rows) * n) };
         };
         let work = filled.map_or(batch * m, |f| f.iter().sum()) * n * k;
         if batch >= 4 && work >= PARALLEL_BATCH {
-            if filled.is_none() && b.row == 1 && column_major_pays(m, k, n) {
-                // Each matrix goes through a column-major scratch buffer and
-                // is transposed into place.
-                (0..batch).into_par_iter().for_each(|i| {
-                    let mut scratch = Vec::<f32>::with_capacity(m * n);
-                    product(scratch.as_mut_ptr(), 1, m as isize, i, m, gemm::Parallelism::None);
-                    // SAFETY: gemm wrote all `m x n` elements.
-                    unsafe { scratch.set_len(m * n) };
-                    // SAFETY: matrix `i` of the output lies within its capacity.
-                    let out = unsafe { core::slice::from_raw_parts_mut(dst.at(i * m * n), m * n) };
-                    transpose_into(&scratch, m, n, out);
-                });
-            } else {
-                (0..batch).into_par_iter().for_each(|i| row_major(i, gemm::Parallelism::None));
-            }
+            (0..batch).into_par_iter().for_each(|i| matrix(i, None));
         } else {
             (0..batch).for_each(|i| {
                 let parallelism = if rows(i) * n * k >= PARALLEL_MATRIX {
@@ -222,7 +221,7 @@ fn flex_product(lhs: FlexTensor, rhs: FlexTensor, filled: Option<&[usize]>) -> F
                 } else {
                     gemm::Parallelism::None
                 };
-                row_major(i, parallelism)
+                matrix(i, Some(parallelism))
             });
         }
         // SAFETY: every element was written above.
@@ -232,8 +231,9 @@ fn flex_product(lhs: FlexTensor, rhs: FlexTensor, filled: Option<&[usize]>) -> F
 }
 
 /// Whether a product with a column-major right operand (`m x k` by
-/// `k x n`, the experts' weights in their input gradient `g @ w^T`) is
-/// faster written column-major and transposed than written row-major.
+/// `k x n`: the experts' `x @ w^T` with their weights stored
+/// `[d_output, d_input]`, in training and inference) is faster written
+/// column-major and transposed than written row-major.
 ///
 /// gemm packs the left operand of the product it computes into panels (one
 /// pass over it) and reads a column-major right operand in place. For a
@@ -270,12 +270,33 @@ fn transpose_into(col_major: &[f32], rows: usize, cols: usize, out: &mut [f32]) 
 #[derive(Debug)]
 struct MatmulBackward;
 
+/// How the right operand of a product lies in memory, which its gradient
+/// follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RhsLayout {
+    /// Row-major, or any layout other than the one below.
+    RowMajor,
+    /// Column-major: the transposed view of a row-major matrix, as the
+    /// experts' `w^T` of a weight stored `[d_output, d_input]`.
+    ColumnMajor,
+}
+
+impl RhsLayout {
+    fn of(t: &FlexTensor) -> Self {
+        match Operand::of(t) {
+            Some(o) if o.row == 1 && o.col != 1 => Self::ColumnMajor,
+            _ => Self::RowMajor,
+        }
+    }
+}
+
 impl Backward<Flex, 2> for MatmulBackward {
-    /// `(lhs, rhs)`, each kept when the other operand is tracked.
-    type State = (Option<FlexTensor>, Option<FlexTensor>);
+    /// `(lhs, rhs, rhs layout)`, each operand kept when the other one is
+    /// tracked.
+    type State = (Option<FlexTensor>, Option<FlexTensor>, RhsLayout);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let (lhs, rhs) = ops.state;
+        let (lhs, rhs, rhs_layout) = ops.state;
         let transposed = |t: FlexTensor| {
             let d = t.layout().shape().num_dims();
             t.transpose(d - 2, d - 1)
@@ -285,7 +306,16 @@ impl Backward<Flex, 2> for MatmulBackward {
             ops.node,
             grads,
             |g| flex_matmul(g, transposed(rhs.expect("kept for the left operand's gradient"))),
-            |g| flex_matmul(transposed(lhs.expect("kept for the right operand's gradient")), g),
+            |g| {
+                let lhs = lhs.expect("kept for the right operand's gradient");
+                match rhs_layout {
+                    RhsLayout::RowMajor => flex_matmul(transposed(lhs), g),
+                    // `(g^T @ lhs)^T`: written in the memory order of the
+                    // matrix the operand views, so that the view's own
+                    // backward step hands that matrix a contiguous gradient.
+                    RhsLayout::ColumnMajor => transposed(flex_matmul(transposed(g), lhs)),
+                }
+            },
         );
     }
 }
@@ -296,6 +326,7 @@ fn autodiff_matmul<const D: usize>(
 ) -> Tensor<Autodiff<Flex>, D> {
     let (lhs, rhs) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
     let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+    let rhs_layout = RhsLayout::of(&rhs.primitive);
     let out = match MatmulBackward
         .prepare::<NoCheckpointing>([lhs.node.clone(), rhs.node.clone()])
         .compute_bound()
@@ -303,7 +334,7 @@ fn autodiff_matmul<const D: usize>(
     {
         OpsKind::Tracked(prep) => {
             let y = flex_matmul(lhs.primitive.clone(), rhs.primitive.clone());
-            prep.finish((rhs_tracked.then_some(lhs.primitive), lhs_tracked.then_some(rhs.primitive)), y)
+            prep.finish((rhs_tracked.then_some(lhs.primitive), lhs_tracked.then_some(rhs.primitive), rhs_layout), y)
         }
         OpsKind::UnTracked(prep) => prep.finish(flex_matmul(lhs.primitive, rhs.primitive)),
     };
@@ -363,21 +394,62 @@ mod tests {
     }
 
     #[test]
+    fn a_transposed_weight_gets_its_gradient_in_its_own_layout() {
+        // `x @ w^T` with `w` stored `[batch, n, k]`, as the experts' weights:
+        // the product, both gradients, and `w`'s gradient contiguous in
+        // `w`'s layout (no copy before the optimizer reads it).
+        for [batch, m, k, n] in [[6, 64, 96, 160], [2, 3, 4, 5], [4, 200, 64, 48]] {
+            let x = rand::<Ad, 3>([batch, m, k]).require_grad();
+            let w = rand::<Ad, 3>([batch, n, k]).require_grad();
+            let g = rand::<Ad, 3>([batch, m, n]);
+            let run = |op: &dyn Fn(Tensor<Ad, 3>, Tensor<Ad, 3>) -> Tensor<Ad, 3>| {
+                let y = op(x.clone(), w.clone().swap_dims(1, 2));
+                let grads = (y.clone() * g.clone()).sum().backward();
+                [y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap()]
+            };
+            let ours = run(&|a, b| matmul(a, b));
+            let w_grad = crate::fused::flex_f32(ours[2].clone()).unwrap_or_else(|_| unreachable!("Flex"));
+            assert!(w_grad.is_contiguous(), "w's gradient of {:?}", [batch, m, k, n]);
+            for (a, b) in ours.into_iter().zip(run(&|a, b| a.matmul(b))) {
+                a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-4));
+            }
+        }
+    }
+
+    #[test]
     fn filled_rows_are_the_products_rows_and_zeros_below() {
         // Serial (small) and batch-parallel (large) products, with empty,
-        // partial and full matrices.
-        for (shape, filled) in [
+        // partial and full matrices, and right operands row-major and
+        // column-major (the experts' `w^T`, whose products may go through a
+        // column-major scratch buffer).
+        let cases = [
             ([3, 5, 4, 6], vec![0, 5, 2]),
             ([5, 64, 96, 128], vec![64, 0, 1, 40, 63]),
             ([2, 300, 200, 210], vec![300, 17]),
-        ] {
-            let [batch, m, k, n] = shape;
-            let (lhs, rhs) = (rand::<Flex, 3>([batch, m, k]), rand::<Flex, 3>([batch, k, n]));
+            ([4, 256, 96, 384], vec![256, 100, 0, 3]),
+        ];
+        for ((shape, filled), column_major) in cases.iter().flat_map(|c| [(c, false), (c, true)]) {
+            let [batch, m, k, n] = *shape;
+            let rhs = match column_major {
+                false => rand::<Flex, 3>([batch, k, n]),
+                true => rand::<Flex, 3>([batch, n, k]).swap_dims(1, 2),
+            };
+            let (lhs, rhs) = (rand::<Flex, 3>([batch, m, k]), rhs);
             let full: Vec<f32> = matmul(lhs.clone(), rhs.clone()).into_data().to_vec().unwrap();
-            let ours: Vec<f32> = matmul_filled_rows(lhs, rhs, &filled).into_data().to_vec().unwrap();
+            let ours: Vec<f32> = matmul_filled_rows(lhs, rhs, filled).into_data().to_vec().unwrap();
             for (i, &f) in filled.iter().enumerate() {
                 let (start, split, end) = (i * m * n, (i * m + f) * n, (i + 1) * m * n);
-                assert_eq!(ours[start..split], full[start..split], "matrix {i} of {shape:?}");
+                if column_major {
+                    // gemm's kernels for few rows (one row is a matrix-vector
+                    // product) sum in another order than the full product's.
+                    let close = ours[start..split]
+                        .iter()
+                        .zip(&full[start..split])
+                        .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()) * (k as f32).sqrt());
+                    assert!(close, "matrix {i} of {shape:?}, column-major");
+                } else {
+                    assert_eq!(ours[start..split], full[start..split], "matrix {i} of {shape:?}");
+                }
                 assert!(ours[split..end].iter().all(|&v| v == 0.0), "matrix {i} of {shape:?}");
             }
         }

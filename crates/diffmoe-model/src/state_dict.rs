@@ -130,9 +130,9 @@ enum Layout {
     Same,
     /// A 2-D tensor transposed (burn `Linear` weights).
     Transposed,
-    /// `[n_experts, ...]` stacked here, one official key per expert; each
-    /// expert's matrix transposed when `transposed`.
-    PerExpert { transposed: bool },
+    /// `[n_experts, ...]` stacked here, one official key per expert, each
+    /// in the official shape and order.
+    PerExpert,
 }
 
 struct Entry<'a, B: Backend> {
@@ -177,10 +177,9 @@ impl<B: Backend> Entry<'_, B> {
         match self.layout {
             Layout::Same => vec![(self.name.clone(), shape)],
             Layout::Transposed => vec![(self.name.clone(), vec![shape[1], shape[0]])],
-            Layout::PerExpert { transposed } => {
+            Layout::PerExpert => {
                 let (prefix, suffix) = self.name.split_once('|').expect("per-expert names hold a '|'");
-                let inner = if transposed && shape.len() == 3 { vec![shape[2], shape[1]] } else { shape[1..].to_vec() };
-                (0..shape[0]).map(|i| (format!("{prefix}.{i}.{suffix}"), inner.clone())).collect()
+                (0..shape[0]).map(|i| (format!("{prefix}.{i}.{suffix}"), shape[1..].to_vec())).collect()
             }
         }
     }
@@ -200,15 +199,10 @@ impl<B: Backend> Entry<'_, B> {
                 out.tensors
                     .insert(self.name.clone(), HostTensor { shape: vec![c, r], data: transpose(&host.data, r, c) });
             }
-            Layout::PerExpert { transposed } => {
+            Layout::PerExpert => {
                 let per = host.data.len() / host.shape[0];
                 for ((name, shape), chunk) in self.official().into_iter().zip(host.data.chunks(per)) {
-                    let data = if transposed && host.shape.len() == 3 {
-                        transpose(chunk, host.shape[1], host.shape[2])
-                    } else {
-                        chunk.to_vec()
-                    };
-                    out.tensors.insert(name, HostTensor { shape, data });
+                    out.tensors.insert(name, HostTensor { shape, data: chunk.to_vec() });
                 }
             }
         }
@@ -239,18 +233,9 @@ impl<B: Backend> Entry<'_, B> {
         let data: Vec<f32> = match self.layout {
             Layout::Same => sd.tensors[&self.name].data.clone(),
             Layout::Transposed => transpose(&sd.tensors[&self.name].data, shape[1], shape[0]),
-            Layout::PerExpert { transposed } => self
-                .official()
-                .iter()
-                .flat_map(|(key, s)| {
-                    let d = &sd.tensors[key].data;
-                    if transposed && s.len() == 2 {
-                        transpose(d, s[0], s[1])
-                    } else {
-                        d.clone()
-                    }
-                })
-                .collect(),
+            Layout::PerExpert => {
+                self.official().iter().flat_map(|(key, _)| sd.tensors[key].data.iter().copied()).collect()
+            }
         };
         let data = TensorData::new(data, shape);
         fn set<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>, data: TensorData, device: &B::Device) {
@@ -368,20 +353,20 @@ fn feed_forward<'a, B: Backend>(out: &mut Vec<Entry<'a, B>>, name: &str, ff: &'a
 
 fn expert_bank<'a, B: Backend>(out: &mut Vec<Entry<'a, B>>, mlp: &str, bank: &'a mut ExpertBank<B>) {
     let prefix = format!("{mlp}.experts");
-    let mut per = |suffix: &str, slot: Slot<'a, B>, transposed: bool| {
-        out.push(Entry { name: format!("{prefix}|{suffix}"), slot, layout: Layout::PerExpert { transposed } })
+    let mut per = |suffix: &str, slot: Slot<'a, B>| {
+        out.push(Entry { name: format!("{prefix}|{suffix}"), slot, layout: Layout::PerExpert })
     };
     match bank {
         ExpertBank::Gelu(e) => {
-            per("fc1.weight", Slot::R3(&mut e.fc1_weight), true);
-            per("fc1.bias", Slot::R2(&mut e.fc1_bias), false);
-            per("fc2.weight", Slot::R3(&mut e.fc2_weight), true);
-            per("fc2.bias", Slot::R2(&mut e.fc2_bias), false);
+            per("fc1.weight", Slot::R3(&mut e.fc1_weight));
+            per("fc1.bias", Slot::R2(&mut e.fc1_bias));
+            per("fc2.weight", Slot::R3(&mut e.fc2_weight));
+            per("fc2.bias", Slot::R2(&mut e.fc2_bias));
         }
         ExpertBank::SwiGlu(e) => {
-            per("gate_proj.weight", Slot::R3(&mut e.gate_proj), true);
-            per("up_proj.weight", Slot::R3(&mut e.up_proj), true);
-            per("down_proj.weight", Slot::R3(&mut e.down_proj), true);
+            per("gate_proj.weight", Slot::R3(&mut e.gate_proj));
+            per("up_proj.weight", Slot::R3(&mut e.up_proj));
+            per("down_proj.weight", Slot::R3(&mut e.down_proj));
         }
     }
 }

@@ -38,7 +38,12 @@ const CONFIG_FILE: &str = "config.toml";
 const MODEL_FILE: &str = "model.safetensors";
 const EMA_FILE: &str = "ema.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-const STATE_FORMAT: &str = "diffmoe-checkpoint-v1";
+const STATE_FORMAT: &str = "diffmoe-checkpoint-v2";
+/// The format before 2026-12-07, read and upgraded: its AdamW moments of
+/// the experts' weight matrices follow the layout the experts then had,
+/// each expert's matrix transposed against today's (see
+/// [`upgrade_v1_moments`]). Its weight files are the same.
+const STATE_FORMAT_V1: &str = "diffmoe-checkpoint-v1";
 
 /// A test hook: with `DIFFMOE_FAULT=abort-in-checkpoint:STEP` the process
 /// aborts half-way through writing the checkpoint of `STEP`, as if it were
@@ -337,10 +342,10 @@ pub fn load_checkpoint<B: AutodiffBackend>(
     let bytes = fs::read(&state_path).map_err(io(&state_path))?;
     let state: TrainState = serde_json::from_slice(&bytes)
         .map_err(|e| CheckpointError::Corrupt { path: state_path.clone(), reason: e.to_string() })?;
-    if state.format != STATE_FORMAT {
+    if state.format != STATE_FORMAT && state.format != STATE_FORMAT_V1 {
         return Err(CheckpointError::Corrupt {
             path: state_path,
-            reason: format!("format `{}`, expected `{STATE_FORMAT}`", state.format),
+            reason: format!("format `{}`, expected `{STATE_FORMAT}` (or `{STATE_FORMAT_V1}`)", state.format),
         });
     }
 
@@ -356,8 +361,13 @@ pub fn load_checkpoint<B: AutodiffBackend>(
 
     let opt_path = dir.join(OPTIMIZER_FILE);
     let bytes = fs::read(&opt_path).map_err(io(&opt_path))?;
-    let opt_state = parse_optimizer(&bytes, &opt_path)?;
+    let mut opt_state = parse_optimizer(&bytes, &opt_path)?;
     check_optimizer_state(&opt_state, &model, &opt_path)?;
+    let mut state = state;
+    if state.format == STATE_FORMAT_V1 {
+        upgrade_v1_moments(&mut opt_state, &model);
+        state.format = STATE_FORMAT.to_string();
+    }
     if opt_state.step != state.step {
         return Err(CheckpointError::Corrupt {
             path: opt_path,
@@ -466,6 +476,31 @@ fn parse_optimizer(bytes: &[u8], path: &Path) -> Result<OptimizerState, Checkpoi
     Ok(OptimizerState { step, moments })
 }
 
+/// The moments of a `diffmoe-checkpoint-v1` optimizer file in today's
+/// parameter layout. In v1 the experts' weight matrices, `[n_experts, a, b]`
+/// today (each expert's official `[d_output, d_input]`), were stored
+/// `[n_experts, b, a]`; their moments followed, so each expert's block of
+/// them is transposed here. Every other parameter kept its layout.
+/// [`check_optimizer_state`] must have passed.
+fn upgrade_v1_moments<B: Backend>(state: &mut OptimizerState, model: &DiT<B>) {
+    for info in param_infos(model) {
+        let Some((m, v)) = state.moments.get_mut(&info.name) else { continue };
+        if let [experts, a, b] = info.shape[..] {
+            if info.name.contains(".experts.") {
+                for moment in [m, v] {
+                    *moment = moment.chunks_exact(a * b).flat_map(|old| transpose(old, b, a)).collect();
+                    debug_assert_eq!(moment.len(), experts * a * b);
+                }
+            }
+        }
+    }
+}
+
+/// The row-major `cols x rows` transpose of the row-major `rows x cols` `data`.
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols).flat_map(|c| (0..rows).map(move |r| data[r * cols + c])).collect()
+}
+
 fn check_optimizer_state<B: Backend>(
     state: &OptimizerState,
     model: &DiT<B>,
@@ -523,5 +558,35 @@ mod tests {
         let bytes = optimizer_bytes(&state, path).unwrap();
         assert_eq!(parse_optimizer(&bytes, path).unwrap(), state);
         assert!(parse_optimizer(&bytes[..bytes.len() / 2], path).is_err());
+    }
+
+    #[test]
+    fn v1_moments_of_expert_matrices_are_transposed_per_expert() {
+        let config = preset("diffmoe-tiny-e8-flow").unwrap().model;
+        let model = config.init::<burn::backend::Flex>(&Default::default());
+        let infos = param_infos(&model);
+        let expert = infos.iter().find(|p| p.name.ends_with(".experts.Gelu.fc1_weight")).expect("an expert matrix");
+        let bias = infos.iter().find(|p| p.name.ends_with(".experts.Gelu.fc1_bias")).expect("an expert bias");
+        let [experts, a, b] = expert.shape[..] else { panic!("{expert:?}") };
+        // Entry (e, i, j) of today's layout is worth 10000 e + 100 i + j; v1
+        // held each expert's matrix transposed, `[b, a]`.
+        let value = |e: usize, i: usize, j: usize| (10_000 * e + 100 * i + j) as f32;
+        let v1: Vec<f32> =
+            (0..experts).flat_map(|e| (0..b).flat_map(move |j| (0..a).map(move |i| value(e, i, j)))).collect();
+        let today: Vec<f32> =
+            (0..experts).flat_map(|e| (0..a).flat_map(move |i| (0..b).map(move |j| value(e, i, j)))).collect();
+        let bias_values: Vec<f32> = (0..bias.shape.iter().product::<usize>()).map(|i| i as f32).collect();
+        let mut state = OptimizerState {
+            step: 1,
+            moments: BTreeMap::from([
+                (expert.name.clone(), (v1.clone(), v1.iter().map(|x| -x).collect())),
+                (bias.name.clone(), (bias_values.clone(), bias_values.clone())),
+            ]),
+        };
+        upgrade_v1_moments(&mut state, &model);
+        let (m, v) = &state.moments[&expert.name];
+        assert_eq!(m, &today);
+        assert_eq!(v, &today.iter().map(|x| -x).collect::<Vec<_>>());
+        assert_eq!(state.moments[&bias.name], (bias_values.clone(), bias_values));
     }
 }

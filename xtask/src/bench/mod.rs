@@ -54,6 +54,12 @@ pub struct BenchArgs {
     /// Untimed iterations per case before timing.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Only these variants (comma-separated or repeated): routing modes of
+    /// `eval-forward` and `sample` (`static`, `dynamic`, `per-token`,
+    /// `dynamic-all`), `train`, or MLP families of `mlp-layer` (`dense`,
+    /// `tc`, `ec`, `diffmoe`); all by default.
+    #[arg(long, value_delimiter = ',')]
+    pub variant: Vec<String>,
     /// Sampler steps of the `sample` workload.
     #[arg(long, default_value_t = 4)]
     pub sample_steps: usize,
@@ -147,6 +153,10 @@ pub fn run<B: AutodiffBackend>(args: &BenchArgs, device: &B::Device) -> Result<R
         })
         .collect::<Result<Vec<_>>>()?;
 
+    if let Some(unknown) = args.variant.iter().find(|v| !workload::VARIANTS.contains(&v.as_str())) {
+        bail!("--variant {unknown}: not one of {}", workload::VARIANTS.join(", "));
+    }
+
     let (peak_before, size) = matmul_peak::<B::InnerBackend>(device);
     let device_name = B::name(device);
     eprintln!("{device_name}: f32 matmul {size}^3 at {:.1} GFLOP/s", peak_before / 1e9);
@@ -162,7 +172,8 @@ pub fn run<B: AutodiffBackend>(args: &BenchArgs, device: &B::Device) -> Result<R
         for run in &runs {
             let before = memory::live_bytes();
             let mut group = Vec::new();
-            for mut case in cases::<B>(workload, run, args.batch, args.sample_steps, device) {
+            let all = cases::<B>(workload, run, args.batch, args.sample_steps, device);
+            for mut case in all.into_iter().filter(|c| args.variant.is_empty() || args.variant.contains(&c.variant)) {
                 eprintln!("{} {} {}: warming up", run.name, workload.name(), case.variant);
                 for _ in 0..args.warmup {
                     (case.run)();
@@ -359,6 +370,7 @@ mod tests {
             repeat: 2,
             warmup: 1,
             sample_steps: 1,
+            variant: Vec::new(),
             json: PathBuf::new(),
         };
         let report = run::<Ad>(&args, &Default::default()).expect("bench runs");
@@ -376,6 +388,7 @@ mod tests {
             ]
         );
         for row in &report.rows {
+            assert!(workload::VARIANTS.contains(&row.variant.as_str()), "{row:?}");
             assert!(row.min_s > 0.0 && row.min_s <= row.median_s && row.median_s <= row.max_s, "{row:?}");
             assert!(row.mfu.is_finite() && row.mfu > 0.0, "{row:?}");
             // The model alone is resident between iterations.
@@ -387,5 +400,32 @@ mod tests {
                 .expect("a dense row per workload");
             assert_eq!(row.vs_dense, Some(row.median_s / dense.median_s));
         }
+    }
+
+    #[test]
+    fn variants_select_cases_and_unknown_ones_are_refused() {
+        let mut args = BenchArgs {
+            preset: vec!["diffmoe-tiny-e8-flow".into()],
+            workload: vec![Workload::EvalForward, Workload::MlpLayer],
+            batch: 2,
+            image_size: Some(8),
+            channels: None,
+            patch_size: None,
+            device: "cpu".into(),
+            repeat: 1,
+            warmup: 0,
+            sample_steps: 1,
+            variant: vec!["dynamic".into(), "dense".into(), "diffmoe".into()],
+            json: PathBuf::new(),
+        };
+        let report = run::<Ad>(&args, &Default::default()).expect("bench runs");
+        let cases: Vec<(Workload, &str)> = report.rows.iter().map(|r| (r.workload, r.variant.as_str())).collect();
+        assert_eq!(
+            cases,
+            [(Workload::EvalForward, "dynamic"), (Workload::MlpLayer, "dense"), (Workload::MlpLayer, "diffmoe")]
+        );
+        args.variant = vec!["dynamic".into(), "fast".into()];
+        let err = run::<Ad>(&args, &Default::default()).expect_err("an unknown variant");
+        assert!(err.to_string().contains("--variant fast"), "{err}");
     }
 }

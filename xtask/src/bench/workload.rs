@@ -108,6 +108,11 @@ impl<B: Backend> IntoI64 for Tensor<B, 1, Int> {
     }
 }
 
+/// Every case's variant name: the training step, the inference routing
+/// modes, the MLP families of `mlp-layer`.
+pub const VARIANTS: [&str; 9] =
+    ["train", "static", "dynamic", "per-token", "dynamic-all", "dense", "tc", "ec", "diffmoe"];
+
 /// DiffMoE thresholds of an inference case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Thresholds {
