@@ -1,5 +1,6 @@
 //! Vectorised f32 kernels of the CPU backend: GELU (tanh) and the last-axis
-//! softmax, forward and backward, each one pass over memory.
+//! softmax, forward and backward, and a bias added to rows (with GELU after
+//! it), each one pass over memory.
 //!
 //! burn's CPU backend computes `exp`, `tanh` and `sigmoid` one element at a
 //! time through libm, and autodiff records GELU and softmax as chains of
@@ -269,6 +270,44 @@ pointwise_api!(
     silu_in_place_chunk_best,
     silu_backward_chunk_best
 );
+
+#[inline(always)]
+fn bias_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+#[inline(always)]
+fn bias_gelu_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v = gelu_scalar(*v + b);
+        }
+    }
+}
+
+multiversion!(bias_rows_best, bias_rows, (x: &mut [f32], bias: &[f32]));
+multiversion!(bias_gelu_rows_best, bias_gelu_rows, (x: &mut [f32], bias: &[f32]));
+
+/// `x[r] += bias` for every row `r` of `bias.len()` elements of `x`, in
+/// place.
+pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+    assert!(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "bias of {} on {} elements", bias.len(), x.len());
+    let chunk = task_rows(bias.len()) * bias.len();
+    x.par_chunks_mut(chunk).for_each(|x| bias_rows_best(x, bias));
+}
+
+/// `x[r] = gelu_tanh(x[r] + bias)` for every row `r` of `bias.len()`
+/// elements of `x`, in place: the sum rounded to f32 first, as the two
+/// ops in turn give it.
+pub fn add_bias_rows_gelu_tanh(x: &mut [f32], bias: &[f32]) {
+    assert!(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "bias of {} on {} elements", bias.len(), x.len());
+    let chunk = task_rows(bias.len()) * bias.len();
+    x.par_chunks_mut(chunk).for_each(|x| bias_gelu_rows_best(x, bias));
+}
 
 /// Softmax of every row of `row` elements of `x`, in place (the scores are
 /// the largest tensor of attention: the pass is memory-bound).

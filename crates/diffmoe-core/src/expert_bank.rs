@@ -7,16 +7,16 @@
 //! (`x @ w^T`, as `F.linear` does). The CPU products then read every weight
 //! row, the input dimension, in one contiguous run, where the `[d_input,
 //! d_output]` layout of burn's `Linear` makes them gather each expert's
-//! matrix with a stride of a row: with few tokens per expert the experts'
-//! products stream their weights from memory, and the contiguous reads made
-//! the inference forward's expert products 1.3-1.5x as fast
+//! matrix with a stride of a row. With few tokens per expert the products
+//! stream their weights from memory: at 64 tokens, one thread, weights out
+//! of cache, the contiguous reads made them 1.3-1.5x as fast
 //! (docs/benchmarks.md, 2026-12-07).
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::activation::{gelu_tanh, silu};
-use crate::broadcast::broadcast_middle;
+use crate::activation::silu;
+use crate::bias::{add_expert_bias, AfterBias};
 use crate::init;
 use crate::matmul::{matmul, matmul_filled_rows};
 
@@ -113,13 +113,14 @@ impl<B: Backend> ExpertBank<B> {
     /// # Shapes
     /// - `x`: `[n_experts, tokens, d_model]` -> `[n_experts, tokens, d_model]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.forward_with(x, matmul)
+        self.forward_with(x, None)
     }
 
     /// Runs expert `e` on the first `filled[e]` rows of row `e` of the input
     /// (its tokens; the rows below are padding), in inference: on the CPU
     /// backend the padding is not computed
-    /// ([`matmul_filled_rows`](crate::matmul::matmul_filled_rows)). The
+    /// ([`matmul_filled_rows`](crate::matmul::matmul_filled_rows), and the
+    /// biases and activation of a GELU expert in one pass). The
     /// output rows of the padding are unspecified (but finite for finite
     /// weights and inputs): the caller weights them by zero.
     ///
@@ -127,21 +128,24 @@ impl<B: Backend> ExpertBank<B> {
     /// - `x`: `[n_experts, slots, d_model]`, `filled`: `n_experts` counts
     ///   `<= slots` -> `[n_experts, slots, d_model]`
     pub fn forward_filled(&self, x: Tensor<B, 3>, filled: &[usize]) -> Tensor<B, 3> {
-        self.forward_with(x, |lhs, rhs| matmul_filled_rows(lhs, rhs, filled))
+        self.forward_with(x, Some(filled))
     }
 
-    /// The experts with their products `x @ w^T` taken by `product(x, w^T)`.
-    fn forward_with(
-        &self,
-        x: Tensor<B, 3>,
-        product: impl Fn(Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3>,
-    ) -> Tensor<B, 3> {
-        let product = |x, weight: &Param<Tensor<B, 3>>| product(x, weight.val().swap_dims(1, 2));
+    /// The experts on the first `filled[e]` rows of expert `e` (all rows
+    /// without `filled`).
+    fn forward_with(&self, x: Tensor<B, 3>, filled: Option<&[usize]>) -> Tensor<B, 3> {
+        // `x @ w^T`.
+        let product = |x, weight: &Param<Tensor<B, 3>>| {
+            let w_t = weight.val().swap_dims(1, 2);
+            match filled {
+                Some(filled) => matmul_filled_rows(x, w_t, filled),
+                None => matmul(x, w_t),
+            }
+        };
         match self {
             Self::Gelu(e) => {
-                let k = x.dims()[1];
-                let h = product(x, &e.fc1_weight) + broadcast_middle(e.fc1_bias.val(), k); // [E, K, H]
-                product(gelu_tanh(h), &e.fc2_weight) + broadcast_middle(e.fc2_bias.val(), k)
+                let h = add_expert_bias(product(x, &e.fc1_weight), e.fc1_bias.val(), filled, AfterBias::GeluTanh); // [E, K, H]
+                add_expert_bias(product(h, &e.fc2_weight), e.fc2_bias.val(), filled, AfterBias::Nothing)
                 // [E, K, D]
             }
             Self::SwiGlu(e) => {

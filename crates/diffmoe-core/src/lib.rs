@@ -17,6 +17,7 @@
 //! caller applies the threshold update ([`DiffMoeLayer::with_updated_thresholds`]).
 
 mod activation;
+mod bias;
 mod broadcast;
 mod capacity;
 mod compaction;

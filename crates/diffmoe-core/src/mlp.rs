@@ -5,7 +5,8 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::activation::{gelu_tanh, silu};
+use crate::activation::silu;
+use crate::bias::{linear_then, AfterBias};
 use crate::init;
 use crate::matmul::linear;
 use crate::rows::on_rows;
@@ -28,7 +29,10 @@ impl<B: Backend> Mlp<B> {
     /// # Shapes
     /// - `x`: `[..., d_model]` -> `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        on_rows(x, |x| linear(gelu_tanh(linear(x, &self.fc1)), &self.fc2))
+        on_rows(x, |x| {
+            let h = linear_then(x, &self.fc1, AfterBias::GeluTanh);
+            linear_then(h, &self.fc2, AfterBias::Nothing)
+        })
     }
 }
 
