@@ -115,15 +115,8 @@ mod tests {
         let (x, bias) = (rand::<Flex, 3>([4, 7, 40]), rand::<Flex, 2>([4, 40]));
         let filled = [7, 0, 3, 1];
         for after in [AfterBias::Nothing, AfterBias::GeluTanh] {
-            let ops = {
-                let y = x.clone() + broadcast_middle(bias.clone(), 7);
-                if after == AfterBias::GeluTanh {
-                    gelu_tanh(y)
-                } else {
-                    y
-                }
-            };
-            let ops: Vec<f32> = ops.into_data().to_vec().unwrap();
+            let ops: Vec<f32> =
+                after.apply(x.clone() + broadcast_middle(bias.clone(), 7)).into_data().to_vec().unwrap();
             let kept: Vec<f32> = x.clone().into_data().to_vec().unwrap();
             // All rows, and the filled rows only (x is shared here: the pass
             // works on a copy and leaves x as it was).

@@ -295,18 +295,22 @@ multiversion!(bias_gelu_rows_best, bias_gelu_rows, (x: &mut [f32], bias: &[f32])
 /// `x[r] += bias` for every row `r` of `bias.len()` elements of `x`, in
 /// place.
 pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
-    assert!(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "bias of {} on {} elements", bias.len(), x.len());
-    let chunk = task_rows(bias.len()) * bias.len();
-    x.par_chunks_mut(chunk).for_each(|x| bias_rows_best(x, bias));
+    over_biased_rows(x, bias, bias_rows_best);
 }
 
 /// `x[r] = gelu_tanh(x[r] + bias)` for every row `r` of `bias.len()`
 /// elements of `x`, in place: the sum rounded to f32 first, as the two
 /// ops in turn give it.
 pub fn add_bias_rows_gelu_tanh(x: &mut [f32], bias: &[f32]) {
+    over_biased_rows(x, bias, bias_gelu_rows_best);
+}
+
+/// `kernel(rows, bias)` over the rows of `x`, in chunks of whole rows on
+/// rayon's threads.
+fn over_biased_rows(x: &mut [f32], bias: &[f32], kernel: fn(&mut [f32], &[f32])) {
     assert!(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "bias of {} on {} elements", bias.len(), x.len());
     let chunk = task_rows(bias.len()) * bias.len();
-    x.par_chunks_mut(chunk).for_each(|x| bias_gelu_rows_best(x, bias));
+    x.par_chunks_mut(chunk).for_each(|x| kernel(x, bias));
 }
 
 /// Softmax of every row of `row` elements of `x`, in place (the scores are
