@@ -148,15 +148,24 @@ fn softmax_backward_row(y: &[f32], g: &[f32], dx: &mut [f32]) {
 }
 
 /// Defines `$name`, running `$body` (an `#[inline(always)]` kernel) compiled
-/// for AVX2 + FMA when the CPU has them, and for the baseline otherwise.
+/// for AVX-512F, or else AVX2 + FMA, when the CPU has them, and for the
+/// baseline otherwise (the same operations at each width, so the same bits).
 macro_rules! multiversion {
     ($name:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
         fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the enabled features.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports the enabled features.
