@@ -15,7 +15,7 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use diffmoe_core::{
     CapacityPredictor, DiffMoeLayer, ExpertBank, ExpertChoiceLayer, FeedForward, Mlp, SwiGluMlp, TokenChoiceLayer,
 };
-use diffmoe_weights::HostTensor;
+use diffmoe_weights::{transpose_matrix, HostTensor};
 
 use crate::block::BlockMlp;
 use crate::config::{family_key, DiTConfig, Family};
@@ -142,16 +142,6 @@ struct Entry<'a, B: Backend> {
     layout: Layout,
 }
 
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
-}
-
 impl<B: Backend> Entry<'_, B> {
     fn host(&self) -> HostTensor {
         match &self.slot {
@@ -196,8 +186,10 @@ impl<B: Backend> Entry<'_, B> {
             }
             Layout::Transposed => {
                 let (r, c) = (host.shape[0], host.shape[1]);
-                out.tensors
-                    .insert(self.name.clone(), HostTensor { shape: vec![c, r], data: transpose(&host.data, r, c) });
+                out.tensors.insert(
+                    self.name.clone(),
+                    HostTensor { shape: vec![c, r], data: transpose_matrix(&host.data, r, c) },
+                );
             }
             Layout::PerExpert => {
                 let per = host.data.len() / host.shape[0];
@@ -232,7 +224,7 @@ impl<B: Backend> Entry<'_, B> {
         let shape = self.shape();
         let data: Vec<f32> = match self.layout {
             Layout::Same => sd.tensors[&self.name].data.clone(),
-            Layout::Transposed => transpose(&sd.tensors[&self.name].data, shape[1], shape[0]),
+            Layout::Transposed => transpose_matrix(&sd.tensors[&self.name].data, shape[1], shape[0]),
             Layout::PerExpert => {
                 self.official().iter().flat_map(|(key, _)| sd.tensors[key].data.iter().copied()).collect()
             }

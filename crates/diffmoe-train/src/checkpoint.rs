@@ -27,6 +27,7 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use diffmoe_model::{load_weights, save_weights, DiT, ImportError, RunConfig, WeightSource};
+use diffmoe_weights::transpose_matrix;
 
 use crate::optimizer::{AdamW, OptimizerState};
 use crate::param_path::param_infos;
@@ -488,17 +489,12 @@ fn upgrade_v1_moments<B: Backend>(state: &mut OptimizerState, model: &DiT<B>) {
         if let [experts, a, b] = info.shape[..] {
             if info.name.contains(".experts.") {
                 for moment in [m, v] {
-                    *moment = moment.chunks_exact(a * b).flat_map(|old| transpose(old, b, a)).collect();
+                    *moment = moment.chunks_exact(a * b).flat_map(|old| transpose_matrix(old, b, a)).collect();
                     debug_assert_eq!(moment.len(), experts * a * b);
                 }
             }
         }
     }
-}
-
-/// The row-major `cols x rows` transpose of the row-major `rows x cols` `data`.
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    (0..cols).flat_map(|c| (0..rows).map(move |r| data[r * cols + c])).collect()
 }
 
 fn check_optimizer_state<B: Backend>(

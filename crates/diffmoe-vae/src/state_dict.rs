@@ -11,6 +11,8 @@ use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
+use diffmoe_weights::transpose_matrix;
+
 use crate::attention::MidBlockAttention;
 use crate::autoencoder::AutoencoderKl;
 use crate::group_norm::GroupNorm;
@@ -58,16 +60,6 @@ pub(crate) struct Entry<'a, B: Backend> {
     slot: Slot<'a, B>,
 }
 
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    out
-}
-
 impl<B: Backend> Entry<'_, B> {
     /// Name, PyTorch shape and kind; reads the shape without allocating a
     /// lazily initialised parameter.
@@ -101,7 +93,7 @@ impl<B: Backend> Entry<'_, B> {
             Slot::R4(p) => put(p, TensorData::new(data, spec.shape), device),
             Slot::Linear(p) => {
                 let (out, inp) = (spec.shape[0], spec.shape[1]);
-                put(p, TensorData::new(transpose(&data, out, inp), [inp, out]), device)
+                put(p, TensorData::new(transpose_matrix(&data, out, inp), [inp, out]), device)
             }
         }
     }

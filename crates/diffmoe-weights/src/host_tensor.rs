@@ -29,6 +29,17 @@ impl HostTensor {
     }
 }
 
+/// The row-major `cols x rows` transpose of the row-major `rows x cols`
+/// matrix `data` (PyTorch's `[d_output, d_input]` weights against burn's
+/// `[d_input, d_output]`).
+///
+/// # Panics
+/// If `data` does not hold `rows * cols` values.
+pub fn transpose_matrix(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(data.len(), rows * cols, "a {rows} x {cols} matrix of {} values", data.len());
+    (0..cols).flat_map(|c| (0..rows).map(move |r| data[r * cols + c])).collect()
+}
+
 impl From<(Vec<usize>, Vec<f32>)> for HostTensor {
     fn from((shape, data): (Vec<usize>, Vec<f32>)) -> Self {
         Self { shape, data }
@@ -39,6 +50,11 @@ impl From<(Vec<usize>, Vec<f32>)> for HostTensor {
 mod tests {
     use super::*;
     use burn::backend::Flex;
+
+    #[test]
+    fn a_matrix_transposes() {
+        assert_eq!(transpose_matrix(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3), [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
 
     #[test]
     fn a_tensor_round_trips_through_the_host() {

@@ -23,7 +23,7 @@ mod torch_checkpoint;
 pub use atomic_file::write_atomically;
 pub use element::Element;
 pub use error::WriteError;
-pub use host_tensor::HostTensor;
+pub use host_tensor::{transpose_matrix, HostTensor};
 pub use safetensors_writer::write_f32_safetensors;
 pub use torch_checkpoint::{
     checkpoint_entries, is_torch_save, is_torch_save_file, read_state_dict, TorchCheckpointError,
