@@ -129,9 +129,9 @@ fn softmax_row(x: &mut [f32]) {
     }
 }
 
-/// `dx = y * (g - sum(g * y))` along the row.
+/// `sum(y * g)`, in `LANES` partial sums.
 #[inline(always)]
-fn softmax_backward_row(y: &[f32], g: &[f32], dx: &mut [f32]) {
+fn row_dot(y: &[f32], g: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let mut ys = y.chunks_exact(LANES);
     let mut gs = g.chunks_exact(LANES);
@@ -141,7 +141,13 @@ fn softmax_backward_row(y: &[f32], g: &[f32], dx: &mut [f32]) {
         }
     }
     let rest: f32 = ys.remainder().iter().zip(gs.remainder()).map(|(a, b)| a * b).sum();
-    let dot = acc.iter().sum::<f32>() + rest;
+    acc.iter().sum::<f32>() + rest
+}
+
+/// `dx = y * (g - sum(g * y))` along the row.
+#[inline(always)]
+fn softmax_backward_row(y: &[f32], g: &[f32], dx: &mut [f32]) {
+    let dot = row_dot(y, g);
     for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
         *d = yv * (gv - dot);
     }
@@ -214,6 +220,17 @@ fn softmax_rows(x: &mut [f32], row: usize) {
     }
 }
 
+/// `g = y * (g - sum(g * y))` along each row, in place.
+#[inline(always)]
+fn softmax_backward_rows_in_place_body(y: &[f32], g: &mut [f32], row: usize) {
+    for (y, g) in y.chunks_exact(row).zip(g.chunks_exact_mut(row)) {
+        let dot = row_dot(y, g);
+        for (gv, &yv) in g.iter_mut().zip(y) {
+            *gv = yv * (*gv - dot);
+        }
+    }
+}
+
 #[inline(always)]
 fn softmax_backward_rows(y: &[f32], g: &[f32], dx: &mut [f32], row: usize) {
     for ((y, g), dx) in y.chunks_exact(row).zip(g.chunks_exact(row)).zip(dx.chunks_exact_mut(row)) {
@@ -229,6 +246,7 @@ multiversion!(silu_in_place_chunk_best, silu_in_place_chunk, (x: &mut [f32]));
 multiversion!(silu_backward_chunk_best, silu_backward_chunk, (x: &[f32], g: &[f32], dx: &mut [f32]));
 multiversion!(softmax_rows_best, softmax_rows, (x: &mut [f32], row: usize));
 multiversion!(softmax_backward_rows_best, softmax_backward_rows, (y: &[f32], g: &[f32], dx: &mut [f32], row: usize));
+multiversion!(softmax_backward_rows_in_place_best, softmax_backward_rows_in_place_body, (y: &[f32], g: &mut [f32], row: usize));
 
 /// Rows per rayon task for rows of `row` elements.
 fn task_rows(row: usize) -> usize {
@@ -328,6 +346,20 @@ pub fn softmax_in_place(x: &mut [f32], row: usize) {
     assert!(row > 0 && x.len().is_multiple_of(row), "softmax: bad row length {row}");
     let chunk = task_rows(row) * row;
     x.par_chunks_mut(chunk).for_each(|x| softmax_rows_best(x, row));
+}
+
+/// Softmax of every row of `row` elements of `x`, in place, on the calling
+/// thread (for kernels that run on rayon's threads already).
+pub(crate) fn softmax_rows_serial(x: &mut [f32], row: usize) {
+    assert!(row > 0 && x.len().is_multiple_of(row), "softmax: bad row length {row}");
+    softmax_rows_best(x, row);
+}
+
+/// `g = y * (g - sum(g * y))` row by row, in place over the output gradient
+/// `g`, on the calling thread.
+pub(crate) fn softmax_backward_rows_in_place(y: &[f32], g: &mut [f32], row: usize) {
+    assert!(row > 0 && y.len() == g.len() && y.len().is_multiple_of(row), "softmax_backward: bad row length {row}");
+    softmax_backward_rows_in_place_best(y, g, row);
 }
 
 /// The softmax gradient `dx = y * (g - sum(g * y))`, row by row, from the

@@ -121,7 +121,7 @@ pub(crate) fn cpu_values<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option
 
 /// Runs `flex` or `autodiff` on `x` when `B` is `Flex` or `Autodiff<Flex>`
 /// and `x` holds f32.
-fn on_cpu<B: Backend, const D: usize>(
+pub(crate) fn on_cpu<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     flex: impl FnOnce(FlexTensor) -> FlexTensor,
     autodiff: impl FnOnce(Tensor<Autodiff<Flex>, D>) -> Tensor<Autodiff<Flex>, D>,

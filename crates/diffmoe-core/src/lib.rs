@@ -10,6 +10,8 @@
 //! * [`DiffMoeLayer`]: the batch-level global token pool with capacity predictor.
 //! * [`ExpertChoiceLayer`]: expert choice inside each sample (EC-DiT).
 //! * [`TokenChoiceLayer`]: token choice with a load-balancing loss (TC-DiT).
+//! * [`self_attention`]: multi-head attention over packed q, k, v, one op
+//!   with its own backward step on burn's CPU backend.
 //! * [`gelu_tanh`], [`silu`], [`softmax_last`]: one fused pass, forward and backward,
 //!   on burn's CPU backend (its tensors are reached with [`flex_f32`]).
 //!
@@ -17,6 +19,8 @@
 //! caller applies the threshold update ([`DiffMoeLayer::with_updated_thresholds`]).
 
 mod activation;
+mod attention;
+mod attention_kernel;
 mod bias;
 mod broadcast;
 mod capacity;
@@ -37,6 +41,7 @@ mod token_pool;
 mod topk;
 
 pub use activation::{gelu_tanh, silu, softmax_last};
+pub use attention::self_attention;
 pub use broadcast::broadcast_middle;
 pub use capacity::{capacity_k, CapacityPredictor};
 pub use expert_bank::{ExpertBank, ExpertKind, GeluExperts, SwiGluExperts};

@@ -1,12 +1,13 @@
 //! Multi-head self-attention of DiT (official `models/modules.py` `Attention`):
 //! qkv projection with bias, scaled dot-product attention with scale
-//! `1/sqrt(head_dim)`, output projection. `head_dim` may differ from `D / H`.
+//! `1/sqrt(head_dim)` ([`self_attention`]), output projection. `head_dim` may
+//! differ from `D / H`.
 
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 
-use diffmoe_core::{init, linear, matmul, on_rows, softmax_last};
+use diffmoe_core::{init, linear, on_rows, self_attention};
 
 /// Self-attention.
 #[derive(Module, Debug)]
@@ -35,32 +36,8 @@ impl<B: Backend> Attention<B> {
     /// # Shapes
     /// - `x`: `[batch, tokens, d_model]` -> `[batch, tokens, d_model]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [n, t, d] = x.dims();
-        let (h, hd) = (self.num_heads, self.head_dim);
-        let rows = x.reshape([n * t, d]);
-        // Each head's q, k and v by its own slice of the qkv weight, stacked
-        // head-major: the layout the attention products need, with no
-        // token-head transposition to copy forward or backward (on the CPU
-        // backend a 4-D transposition copies element by element).
-        let weight = self.qkv.weight.val(); // [d, 3 * h * hd], columns (q|k|v, head, hd)
-        let bias = self.qkv.bias.as_ref().map(|b| b.val());
-        let column = |i: usize| {
-            let y = matmul(rows.clone(), weight.clone().narrow(1, i * hd, hd));
-            let y = match &bias {
-                Some(b) => y + b.clone().narrow(0, i * hd, hd).unsqueeze(),
-                None => y,
-            };
-            y.reshape([n, t, hd])
-        };
-        let heads = |part: usize| Tensor::stack::<4>((0..h).map(|j| column(part * h + j)).collect(), 1); // [N, H, T, hd]
-        let (q, k, v) = (heads(0), heads(1), heads(2));
-        let scale = (hd as f64).powf(-0.5);
-        // Scaling q rather than the scores: one pass over [N, H, T, hd]
-        // instead of one over [N, H, T, T].
-        let weights = softmax_last(matmul(q.mul_scalar(scale), k.swap_dims(2, 3))); // [N, H, T, T]
-        let out = matmul(weights, v); // [N, H, T, hd]
-                                      // Heads side by side, [N, T, H * hd], as whole rows of hd.
-        let out = Tensor::cat((0..h).map(|j| out.clone().narrow(1, j, 1).reshape([n, t, hd])).collect(), 2);
+        let qkv = on_rows(x, |x| linear(x, &self.qkv)); // [N, T, 3 * H * hd]
+        let out = self_attention(qkv, self.num_heads, self.head_dim); // [N, T, H * hd]
         on_rows(out, |out| linear(out, &self.proj))
     }
 }
