@@ -103,7 +103,7 @@ fn row_max(x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn row_sum(x: &[f32]) -> f32 {
+pub(crate) fn row_sum(x: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest: f32 = chunks.remainder().iter().sum();
@@ -131,7 +131,7 @@ fn softmax_row(x: &mut [f32]) {
 
 /// `sum(y * g)`, in `LANES` partial sums.
 #[inline(always)]
-fn row_dot(y: &[f32], g: &[f32]) -> f32 {
+pub(crate) fn row_dot(y: &[f32], g: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let mut ys = y.chunks_exact(LANES);
     let mut gs = g.chunks_exact(LANES);
@@ -182,6 +182,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(crate) use multiversion;
 
 /// Defines the forward, in-place and backward chunk kernels of the
 /// pointwise function `$f` with derivative `$grad`.

@@ -10,6 +10,8 @@
 //! * [`DiffMoeLayer`]: the batch-level global token pool with capacity predictor.
 //! * [`ExpertChoiceLayer`]: expert choice inside each sample (EC-DiT).
 //! * [`TokenChoiceLayer`]: token choice with a load-balancing loss (TC-DiT).
+//! * [`modulated_layer_norm`], [`gated_residual`]: the adaLN passes of a DiT
+//!   block, one op each way on burn's CPU backend.
 //! * [`self_attention`]: multi-head attention over packed q, k, v, one op
 //!   with its own backward step on burn's CPU backend.
 //! * [`gelu_tanh`], [`silu`], [`softmax_last`]: one fused pass, forward and backward,
@@ -19,6 +21,8 @@
 //! caller applies the threshold update ([`DiffMoeLayer::with_updated_thresholds`]).
 
 mod activation;
+mod adaln;
+mod adaln_kernel;
 mod attention;
 mod attention_kernel;
 mod bias;
@@ -41,6 +45,7 @@ mod token_pool;
 mod topk;
 
 pub use activation::{gelu_tanh, silu, softmax_last};
+pub use adaln::{gated_residual, layer_norm, modulate, modulated_layer_norm};
 pub use attention::self_attention;
 pub use broadcast::broadcast_middle;
 pub use capacity::{capacity_k, CapacityPredictor};

@@ -6,8 +6,8 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 
 use diffmoe_core::{
-    broadcast_middle, linear, on_rows, silu, DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing, RoutingStats,
-    TokenChoiceLayer,
+    gated_residual, linear, modulated_layer_norm, on_rows, silu, DiffMoeLayer, ExpertChoiceLayer, FeedForward, Routing,
+    RoutingStats, TokenChoiceLayer,
 };
 
 use crate::attention::Attention;
@@ -50,24 +50,6 @@ impl<B: Backend> BlockMlp<B> {
     }
 }
 
-/// LayerNorm without affine parameters, eps 1e-6, over the last axis.
-///
-/// # Shapes
-/// - `x`: `[batch, tokens, d_model]` -> same
-pub fn layer_norm<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let (var, mean) = x.clone().var_mean_bias(2);
-    (x - mean).div(var.add_scalar(1e-6).sqrt())
-}
-
-/// `x * (1 + scale) + shift`, the conditioning broadcast over tokens.
-///
-/// # Shapes
-/// - `x`: `[batch, tokens, d_model]`, `shift`, `scale`: `[batch, d_model]`
-pub fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 2>, scale: Tensor<B, 2>) -> Tensor<B, 3> {
-    let tokens = x.dims()[1];
-    x * broadcast_middle(scale.add_scalar(1.0), tokens) + broadcast_middle(shift, tokens)
-}
-
 /// One DiT block.
 #[derive(Module, Debug)]
 pub struct DiTBlock<B: Backend> {
@@ -93,11 +75,10 @@ impl<B: Backend> DiTBlock<B> {
         let mut next = || m.next().expect("six modulation chunks");
         let (shift_msa, scale_msa, gate_msa) = (next(), next(), next());
         let (shift_mlp, scale_mlp, gate_mlp) = (next(), next(), next());
-        let h = self.attn.forward(modulate(layer_norm(x.clone()), shift_msa, scale_msa));
-        let tokens = x.dims()[1];
-        let x = x + broadcast_middle(gate_msa, tokens) * h;
-        let (h, stats) = self.mlp.forward(modulate(layer_norm(x.clone()), shift_mlp, scale_mlp), routing);
-        (x + broadcast_middle(gate_mlp, tokens) * h, stats)
+        let h = self.attn.forward(modulated_layer_norm(x.clone(), shift_msa, scale_msa));
+        let x = gated_residual(x, gate_msa, h);
+        let (h, stats) = self.mlp.forward(modulated_layer_norm(x.clone(), shift_mlp, scale_mlp), routing);
+        (gated_residual(x, gate_mlp, h), stats)
     }
 }
 
@@ -118,6 +99,6 @@ impl<B: Backend> FinalLayer<B> {
         let mut m = linear(silu(c), &self.adaln_modulation).chunk(2, 1).into_iter();
         let shift = m.next().expect("two modulation chunks");
         let scale = m.next().expect("two modulation chunks");
-        on_rows(modulate(layer_norm(x), shift, scale), |x| linear(x, &self.linear))
+        on_rows(modulated_layer_norm(x, shift, scale), |x| linear(x, &self.linear))
     }
 }

@@ -16,8 +16,9 @@ mod state_dict;
 mod weights;
 
 pub use attention::Attention;
-pub use block::{layer_norm, modulate, BlockMlp, DiTBlock, FinalLayer};
+pub use block::{BlockMlp, DiTBlock, FinalLayer};
 pub use config::{DiTConfig, Family, MoeConfig, MoeLayout, Objective, RunConfig};
+pub use diffmoe_core::{layer_norm, modulate};
 pub use dit::{Activations, BlockRouting, CfgChannels, DiT, DiTOutput};
 pub use embedding::{sincos_pos_embed_2d, timestep_embedding, LabelEmbedder, PatchEmbed, TimestepEmbedder};
 pub use error::{ConfigError, ImportError};
