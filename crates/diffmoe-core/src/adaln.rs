@@ -18,9 +18,10 @@ use burn::backend::Autodiff;
 use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 
-use crate::adaln_kernel::{self, RowsShape, LAYER_NORM_EPS};
+use crate::adaln_kernel::{self, LAYER_NORM_EPS};
 use crate::broadcast_middle;
 use crate::fused::{cast, flex_contiguous, flex_from_vec, from_flex};
+use crate::row_groups::RowGroups;
 
 type Ad = Autodiff<Flex>;
 
@@ -77,12 +78,12 @@ pub fn gated_residual<B: Backend>(x: Tensor<B, 3>, gate: Tensor<B, 2>, h: Tensor
         |x, gate, h| flex_gated_residual(shape, x, gate, h),
         |x, gate, h| autodiff_gated_residual(shape, x, gate, h),
     )
-    .unwrap_or_else(|(x, gate, h)| x + broadcast_middle(gate, shape.tokens) * h)
+    .unwrap_or_else(|(x, gate, h)| x + broadcast_middle(gate, shape.rows) * h)
 }
 
-fn rows_shape<B: Backend>(x: &Tensor<B, 3>) -> RowsShape {
-    let [images, tokens, width] = x.dims();
-    RowsShape { images, tokens, width }
+fn rows_shape<B: Backend>(x: &Tensor<B, 3>) -> RowGroups {
+    let [groups, rows, width] = x.dims();
+    RowGroups { groups, rows, width }
 }
 
 /// Runs `flex` or `autodiff` on `(a, b, c)` when `B` is `Flex` or
@@ -113,7 +114,7 @@ fn on_cpu3<B: Backend, const D: usize>(
 
 /// The modulated LayerNorm and its rows' statistics.
 fn flex_modulated_layer_norm(
-    shape: RowsShape,
+    shape: RowGroups,
     x: FlexTensor,
     shift: FlexTensor,
     scale: FlexTensor,
@@ -123,7 +124,7 @@ fn flex_modulated_layer_norm(
     (flex_from_vec(y, x.layout().shape().clone()), stats)
 }
 
-fn flex_gated_residual(shape: RowsShape, x: FlexTensor, gate: FlexTensor, h: FlexTensor) -> FlexTensor {
+fn flex_gated_residual(shape: RowGroups, x: FlexTensor, gate: FlexTensor, h: FlexTensor) -> FlexTensor {
     let (x, gate, h) = (flex_contiguous(x), flex_contiguous(gate), flex_contiguous(h));
     let y = adaln_kernel::gated_residual(shape, x.storage(), gate.storage(), h.storage());
     flex_from_vec(y, x.layout().shape().clone())
@@ -132,7 +133,7 @@ fn flex_gated_residual(shape: RowsShape, x: FlexTensor, gate: FlexTensor, h: Fle
 /// Backward step of the modulated LayerNorm: keeps `x`, `scale` and the
 /// rows' `(mean, rstd)`.
 #[derive(Debug)]
-struct ModulatedLayerNormBackward(RowsShape);
+struct ModulatedLayerNormBackward(RowGroups);
 
 impl Backward<Flex, 3> for ModulatedLayerNormBackward {
     type State = (FlexTensor, FlexTensor, Vec<f32>);
@@ -143,7 +144,7 @@ impl Backward<Flex, 3> for ModulatedLayerNormBackward {
         let g = flex_contiguous(grads.consume::<Flex>(&ops.node));
         let (dx, d_shift, d_scale) =
             adaln_kernel::modulated_layer_norm_backward(shape, x.storage(), g.storage(), scale.storage(), &stats);
-        let rows = Shape::new([shape.images, shape.width]);
+        let rows = Shape::new([shape.groups, shape.width]);
         let [x_node, shift_node, scale_node] = ops.parents;
         for (node, grad) in [
             (x_node, flex_from_vec(dx, x.layout().shape().clone())),
@@ -158,7 +159,7 @@ impl Backward<Flex, 3> for ModulatedLayerNormBackward {
 }
 
 fn autodiff_modulated_layer_norm(
-    shape: RowsShape,
+    shape: RowGroups,
     x: Tensor<Ad, 3>,
     shift: Tensor<Ad, 2>,
     scale: Tensor<Ad, 2>,
@@ -181,7 +182,7 @@ fn autodiff_modulated_layer_norm(
 
 /// Backward step of the gated residual: keeps `gate` and `h`.
 #[derive(Debug)]
-struct GatedResidualBackward(RowsShape);
+struct GatedResidualBackward(RowGroups);
 
 impl Backward<Flex, 3> for GatedResidualBackward {
     type State = (FlexTensor, FlexTensor);
@@ -194,7 +195,7 @@ impl Backward<Flex, 3> for GatedResidualBackward {
         if gate_node.is_some() || h_node.is_some() {
             let (dh, d_gate) = adaln_kernel::gated_residual_backward(shape, h.storage(), g.storage(), gate.storage());
             if let Some(node) = gate_node {
-                grads.register::<Flex>(node.id, flex_from_vec(d_gate, Shape::new([shape.images, shape.width])));
+                grads.register::<Flex>(node.id, flex_from_vec(d_gate, Shape::new([shape.groups, shape.width])));
             }
             if let Some(node) = h_node {
                 grads.register::<Flex>(node.id, flex_from_vec(dh, h.layout().shape().clone()));
@@ -206,7 +207,7 @@ impl Backward<Flex, 3> for GatedResidualBackward {
     }
 }
 
-fn autodiff_gated_residual(shape: RowsShape, x: Tensor<Ad, 3>, gate: Tensor<Ad, 2>, h: Tensor<Ad, 3>) -> Tensor<Ad, 3> {
+fn autodiff_gated_residual(shape: RowGroups, x: Tensor<Ad, 3>, gate: Tensor<Ad, 2>, h: Tensor<Ad, 3>) -> Tensor<Ad, 3> {
     let (x, gate, h) = (x.into_primitive().tensor(), gate.into_primitive().tensor(), h.into_primitive().tensor());
     let nodes = [x.node.clone(), gate.node.clone(), h.node.clone()];
     let out = match GatedResidualBackward(shape).prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
@@ -297,7 +298,7 @@ mod tests {
         let scale = rand::<Flex, 2>([2, 64], 1.0);
         let values = |t: Tensor<Flex, 3>| t.into_data().to_vec::<f32>().unwrap();
         let (x, g, scale) = (values(x), values(g), scale.into_data().to_vec::<f32>().unwrap());
-        let shape = RowsShape { images: 2, tokens: 700, width: 64 };
+        let shape = RowGroups { groups: 2, rows: 700, width: 64 };
         let run = || {
             let (_, stats) = adaln_kernel::modulated_layer_norm(shape, &x, &scale, &scale);
             adaln_kernel::modulated_layer_norm_backward(shape, &x, &g, &scale, &stats)

@@ -14,59 +14,11 @@
 
 use core::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
 use crate::cpu_kernels::{multiversion, row_dot, row_sum};
+use crate::row_groups::{filled, RowGroups};
 
 /// LayerNorm's epsilon in DiT (`nn.LayerNorm(..., eps=1e-6)`).
 pub(crate) const LAYER_NORM_EPS: f32 = 1e-6;
-
-/// Elements per rayon task.
-const TASK_ELEMS: usize = 16 * 1024;
-
-/// `[images, tokens, width]` activations with one conditioning row of
-/// `width` per image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RowsShape {
-    /// Images.
-    pub images: usize,
-    /// Tokens per image.
-    pub tokens: usize,
-    /// Elements per token.
-    pub width: usize,
-}
-
-impl RowsShape {
-    /// Token rows per task.
-    fn chunk_rows(&self) -> usize {
-        (TASK_ELEMS / self.width.max(1)).clamp(1, self.tokens.max(1))
-    }
-
-    fn len(&self) -> usize {
-        self.images * self.tokens * self.width
-    }
-
-    fn check(&self, what: &str, activations: &[&[f32]], rows: &[&[f32]]) {
-        assert!(self.width > 0, "{what}: rows of no elements");
-        assert!(
-            activations.iter().all(|a| a.len() == self.len())
-                && rows.iter().all(|r| r.len() == self.images * self.width),
-            "{what}: buffers of {:?} and {:?} elements for {self:?}",
-            activations.iter().map(|a| a.len()).collect::<Vec<_>>(),
-            rows.iter().map(|r| r.len()).collect::<Vec<_>>()
-        );
-    }
-}
-
-/// A buffer of `len` f32 that `fill` writes completely.
-fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len);
-    fill(&mut out.spare_capacity_mut()[..len]);
-    // SAFETY: `fill` wrote every element (the callers' kernels cover their
-    // buffers chunk by chunk).
-    unsafe { out.set_len(len) };
-    out
-}
 
 /// `(mean, 1 / sqrt(var + eps))` of a row (biased variance, two passes).
 #[inline(always)]
@@ -166,70 +118,26 @@ multiversion!(modulate_backward_rows_best, modulate_backward_rows, (x: &[f32], g
 multiversion!(gate_rows_best, gate_rows, (x: &[f32], h: &[f32], y: &mut [MaybeUninit<f32>], gate: &[f32]));
 multiversion!(gate_backward_rows_best, gate_backward_rows, (h: &[f32], g: &[f32], dh: &mut [MaybeUninit<f32>], gate: &[f32], sums: &mut [f32]));
 
-/// Runs `chunk(image, rows, out, sums)` on every chunk of token rows,
-/// `out` being the chunk's part of an output split by [`chunks_of`], and
-/// adds up the per-chunk `sums` (`len` each, zeroed first) of each image in
-/// chunk order: `[images, len]`.
-fn per_chunk_sums<T: Send>(
-    shape: RowsShape,
-    len: usize,
-    outs: Vec<&mut [T]>,
-    chunk: impl Fn(usize, core::ops::Range<usize>, &mut [T], &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let rows = shape.chunk_rows();
-    let chunks = shape.tokens.div_ceil(rows);
-    let partials: Vec<Vec<f32>> = outs
-        .into_par_iter()
-        .enumerate()
-        .map(|(task, out)| {
-            let (n, c) = (task / chunks, task % chunks);
-            let mut sums = vec![0.0f32; len];
-            chunk(n, c * rows..((c + 1) * rows).min(shape.tokens), out, &mut sums);
-            sums
-        })
-        .collect();
-    let mut out = vec![0.0f32; shape.images * len];
-    for (task, partial) in partials.iter().enumerate() {
-        for (o, p) in out[task / chunks * len..][..len].iter_mut().zip(partial) {
-            *o += p;
-        }
-    }
-    out
-}
-
-/// Splits `buf` (`[images, tokens, width]`) into per-image chunks of
-/// token rows, as `(image, chunk)` pairs in the order of [`per_chunk_sums`].
-fn chunks_of<T: Send>(shape: RowsShape, buf: &mut [T], per_row: usize) -> Vec<&mut [T]> {
-    let rows = shape.chunk_rows();
-    let mut out = Vec::new();
-    for image in buf.chunks_mut((shape.tokens * per_row).max(1)).take(shape.images) {
-        out.extend(image.chunks_mut(rows * per_row));
-    }
-    out
-}
-
 /// `layer_norm(x) * (1 + scale) + shift` and each row's `(mean, rstd)`.
 ///
 /// # Shapes
 /// - `x`: `[images, tokens, width]`, `shift`, `scale`: `[images, width]`
 ///   -> (`[images, tokens, width]`, `[images * tokens, 2]`)
-pub(crate) fn modulated_layer_norm(shape: RowsShape, x: &[f32], shift: &[f32], scale: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn modulated_layer_norm(shape: RowGroups, x: &[f32], shift: &[f32], scale: &[f32]) -> (Vec<f32>, Vec<f32>) {
     shape.check("modulated_layer_norm", &[x], &[shift, scale]);
-    let (t, d) = (shape.tokens, shape.width);
-    let rows = shape.chunk_rows();
-    let mut stats = Vec::with_capacity(shape.images * t * 2);
+    let d = shape.width;
+    let rows = shape.groups * shape.rows;
+    let mut stats = Vec::with_capacity(rows * 2);
     let y = filled(shape.len(), |y| {
-        let stats = &mut stats.spare_capacity_mut()[..shape.images * t * 2];
-        let tasks: Vec<_> = chunks_of(shape, y, d).into_iter().zip(chunks_of(shape, stats, 2)).collect();
-        let chunks = t.div_ceil(rows).max(1);
-        tasks.into_par_iter().enumerate().for_each(|(task, (y, st))| {
-            let (n, c) = (task / chunks, task % chunks);
-            let x = &x[(n * t + c * rows) * d..][..y.len()];
-            modulate_rows_best(x, y, st, &shift[n * d..][..d], &scale[n * d..][..d]);
+        let st = shape.chunks_of(&mut stats.spare_capacity_mut()[..rows * 2], 2);
+        let outs = shape.chunks_of(y, d).into_iter().zip(st).collect();
+        shape.for_each_chunk(outs, |n, rows, (y, st)| {
+            let (shift, scale) = (&shift[n * d..][..d], &scale[n * d..][..d]);
+            modulate_rows_best(&x[shape.span(n, &rows, d)], y, st, shift, scale);
         });
     });
-    // SAFETY: the tasks wrote every row's two statistics.
-    unsafe { stats.set_len(shape.images * t * 2) };
+    // SAFETY: the chunks wrote every row's two statistics.
+    unsafe { stats.set_len(rows * 2) };
     (y, stats)
 }
 
@@ -242,26 +150,25 @@ pub(crate) fn modulated_layer_norm(shape: RowsShape, x: &[f32], shift: &[f32], s
 ///   `stats`: `[images * tokens, 2]` -> (`[images, tokens, width]`,
 ///   `[images, width]`, `[images, width]`)
 pub(crate) fn modulated_layer_norm_backward(
-    shape: RowsShape,
+    shape: RowGroups,
     x: &[f32],
     g: &[f32],
     scale: &[f32],
     stats: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     shape.check("modulated_layer_norm backward", &[x, g], &[scale]);
-    assert_eq!(stats.len(), shape.images * shape.tokens * 2, "modulated_layer_norm backward: statistics");
-    let (t, d) = (shape.tokens, shape.width);
-    let mut dx = Vec::with_capacity(shape.len());
-    let outs = chunks_of(shape, &mut dx.spare_capacity_mut()[..shape.len()], d);
-    let sums = per_chunk_sums(shape, 2 * d, outs, |n, rows, dx, sums| {
-        let span = (n * t + rows.start) * d..(n * t + rows.end) * d;
-        let st = &stats[(n * t + rows.start) * 2..(n * t + rows.end) * 2];
-        let mut scratch = vec![0.0f32; 2 * d];
-        modulate_backward_rows_best(&x[span.clone()], &g[span], st, &scale[n * d..][..d], dx, sums, &mut scratch);
+    assert_eq!(stats.len(), shape.groups * shape.rows * 2, "modulated_layer_norm backward: statistics");
+    let d = shape.width;
+    let mut sums = Vec::new();
+    let dx = filled(shape.len(), |dx| {
+        sums = shape.chunk_sums(2 * d, shape.chunks_of(dx, d), |n, rows, dx, sums| {
+            let span = shape.span(n, &rows, d);
+            let st = &stats[shape.span(n, &rows, 2)];
+            let mut scratch = vec![0.0f32; 2 * d];
+            modulate_backward_rows_best(&x[span.clone()], &g[span], st, &scale[n * d..][..d], dx, sums, &mut scratch);
+        });
     });
-    // SAFETY: the tasks wrote every row.
-    unsafe { dx.set_len(shape.len()) };
-    let (mut d_shift, mut d_scale) = (Vec::with_capacity(shape.images * d), Vec::with_capacity(shape.images * d));
+    let (mut d_shift, mut d_scale) = (Vec::with_capacity(shape.groups * d), Vec::with_capacity(shape.groups * d));
     for image in sums.chunks_exact(2 * d) {
         d_shift.extend_from_slice(&image[..d]);
         d_scale.extend_from_slice(&image[d..]);
@@ -274,16 +181,13 @@ pub(crate) fn modulated_layer_norm_backward(
 /// # Shapes
 /// - `x`, `h`: `[images, tokens, width]`, `gate`: `[images, width]` ->
 ///   `[images, tokens, width]`
-pub(crate) fn gated_residual(shape: RowsShape, x: &[f32], gate: &[f32], h: &[f32]) -> Vec<f32> {
+pub(crate) fn gated_residual(shape: RowGroups, x: &[f32], gate: &[f32], h: &[f32]) -> Vec<f32> {
     shape.check("gated_residual", &[x, h], &[gate]);
-    let (t, d) = (shape.tokens, shape.width);
-    let rows = shape.chunk_rows();
-    let chunks = t.div_ceil(rows).max(1);
+    let d = shape.width;
     filled(shape.len(), |y| {
-        chunks_of(shape, y, d).into_par_iter().enumerate().for_each(|(task, y)| {
-            let (n, c) = (task / chunks, task % chunks);
-            let start = (n * t + c * rows) * d;
-            gate_rows_best(&x[start..][..y.len()], &h[start..][..y.len()], y, &gate[n * d..][..d]);
+        shape.for_each_chunk(shape.chunks_of(y, d), |n, rows, y| {
+            let span = shape.span(n, &rows, d);
+            gate_rows_best(&x[span.clone()], &h[span], y, &gate[n * d..][..d]);
         });
     })
 }
@@ -294,16 +198,15 @@ pub(crate) fn gated_residual(shape: RowsShape, x: &[f32], gate: &[f32], h: &[f32
 /// # Shapes
 /// - `h`, `g`: `[images, tokens, width]`, `gate`: `[images, width]` ->
 ///   (`[images, tokens, width]`, `[images, width]`)
-pub(crate) fn gated_residual_backward(shape: RowsShape, h: &[f32], g: &[f32], gate: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn gated_residual_backward(shape: RowGroups, h: &[f32], g: &[f32], gate: &[f32]) -> (Vec<f32>, Vec<f32>) {
     shape.check("gated_residual backward", &[h, g], &[gate]);
-    let (t, d) = (shape.tokens, shape.width);
-    let mut dh = Vec::with_capacity(shape.len());
-    let outs = chunks_of(shape, &mut dh.spare_capacity_mut()[..shape.len()], d);
-    let d_gate = per_chunk_sums(shape, d, outs, |n, rows, dh, sums| {
-        let span = (n * t + rows.start) * d..(n * t + rows.end) * d;
-        gate_backward_rows_best(&h[span.clone()], &g[span], dh, &gate[n * d..][..d], sums);
+    let d = shape.width;
+    let mut d_gate = Vec::new();
+    let dh = filled(shape.len(), |dh| {
+        d_gate = shape.chunk_sums(d, shape.chunks_of(dh, d), |n, rows, dh, sums| {
+            let span = shape.span(n, &rows, d);
+            gate_backward_rows_best(&h[span.clone()], &g[span], dh, &gate[n * d..][..d], sums);
+        });
     });
-    // SAFETY: the tasks wrote every row.
-    unsafe { dh.set_len(shape.len()) };
     (dh, d_gate)
 }

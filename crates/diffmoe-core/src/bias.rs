@@ -12,14 +12,23 @@
 //! Elsewhere (GPU backends, which fuse elementwise chains themselves, and
 //! training) it is those ops.
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
 use burn::nn::Linear;
-use burn::tensor::{backend::Backend, DType, Tensor};
+use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor};
 
 use crate::activation::gelu_tanh;
 use crate::broadcast::broadcast_middle;
 use crate::cpu_kernels;
-use crate::fused::{flex_contiguous, flex_f32, from_flex, is_flex};
-use crate::matmul::{linear, matmul};
+use crate::fused::{cast, flex_contiguous, flex_f32, flex_from_vec, from_flex, is_cpu, same_type};
+use crate::matmul::matmul;
+use crate::row_groups::{filled, RowGroups};
+
+type Ad = Autodiff<Flex>;
 
 /// What follows the bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,12 +55,13 @@ impl AfterBias {
 /// # Shapes
 /// - `x`: `[rows, d_input]` -> `[rows, d_output]`
 pub(crate) fn linear_then<B: Backend>(x: Tensor<B, 2>, layer: &Linear<B>, after: AfterBias) -> Tensor<B, 2> {
+    if !is_cpu::<B>() {
+        return after.apply(layer.forward(x));
+    }
+    let y = matmul(x, layer.weight.val());
     match &layer.bias {
-        Some(bias) if is_flex::<B>() => {
-            let y = matmul(x, layer.weight.val()).unsqueeze_dim::<3>(0);
-            add_expert_bias(y, bias.val().unsqueeze_dim(0), None, after).squeeze_dim(0)
-        }
-        _ => after.apply(linear(x, layer)),
+        Some(bias) => add_expert_bias(y.unsqueeze_dim::<3>(0), bias.val().unsqueeze_dim(0), None, after).squeeze_dim(0),
+        None => after.apply(y),
     }
 }
 
@@ -97,14 +107,111 @@ pub(crate) fn add_expert_bias<B: Backend>(
         Ok(x) => from_flex(x),
         Err(x) => x,
     };
+    if filled.is_none() && x.dtype() == DType::F32 && bias.dtype() == DType::F32 && width > 0 {
+        if let (Ok(x), Ok(bias)) =
+            (same_type::<_, Tensor<Ad, 3>>(x.clone()), same_type::<_, Tensor<Ad, 2>>(bias.clone()))
+        {
+            return cast(autodiff_expert_bias(x, bias, after));
+        }
+    }
     after.apply(x + broadcast_middle(bias, slots))
+}
+
+/// Backward step of a bias and its activation in training: keeps the
+/// pre-activation when there is an activation.
+#[derive(Debug)]
+struct ExpertBiasBackward {
+    shape: RowGroups,
+    after: AfterBias,
+}
+
+impl Backward<Flex, 2> for ExpertBiasBackward {
+    /// The pre-activation `x + bias`, for GELU.
+    type State = Option<FlexTensor>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let shape = self.shape;
+        let g = flex_contiguous(grads.consume::<Flex>(&ops.node));
+        let d = shape.width;
+        let (dz, d_bias) = match (self.after, ops.state) {
+            (AfterBias::GeluTanh, Some(z)) => {
+                let mut d_bias = Vec::new();
+                let dz = filled(shape.len(), |dz| {
+                    d_bias = shape.chunk_sums(d, shape.chunks_of(dz, d), |e, rows, dz, sums| {
+                        let span = shape.span(e, &rows, d);
+                        cpu_kernels::gelu_tanh_backward_row_sums(
+                            &z.storage()[span.clone()],
+                            &g.storage()[span],
+                            dz,
+                            sums,
+                        );
+                    });
+                });
+                (flex_from_vec(dz, g.layout().shape().clone()), d_bias)
+            }
+            _ => {
+                let d_bias = shape.chunk_sums(d, shape.no_outputs(), |e, rows, (), sums| {
+                    cpu_kernels::add_row_sums(&g.storage()[shape.span(e, &rows, d)], sums);
+                });
+                (g, d_bias)
+            }
+        };
+        let [x_node, bias_node] = ops.parents;
+        if let Some(node) = bias_node {
+            grads.register::<Flex>(node.id, flex_from_vec(d_bias, Shape::new([shape.groups, d])));
+        }
+        if let Some(node) = x_node {
+            grads.register::<Flex>(node.id, dz);
+        }
+    }
+}
+
+/// `after(x + bias[e])` under autodiff on the CPU backend: one pass
+/// forward (the sum in place, kept for GELU's backward step) and one
+/// backward (the activation's derivative with the bias gradient's row sums).
+fn autodiff_expert_bias(x: Tensor<Ad, 3>, bias: Tensor<Ad, 2>, after: AfterBias) -> Tensor<Ad, 3> {
+    let [groups, rows, width] = x.dims();
+    let shape = RowGroups { groups, rows, width };
+    let (x, bias) = (x.into_primitive().tensor(), bias.into_primitive().tensor());
+    let nodes = [x.node.clone(), bias.node.clone()];
+    // `x + bias` in place, and `after` of it: `(z, y)`.
+    let forward = |x: FlexTensor, bias: FlexTensor| {
+        let (mut z, bias) = (flex_contiguous(x), flex_contiguous(bias));
+        let (data, bias) = (z.storage_mut::<f32>(), bias.storage::<f32>());
+        match after {
+            AfterBias::Nothing => {
+                shape.for_each_chunk(shape.chunks_of(data, width), |e, _, z| {
+                    cpu_kernels::add_bias_rows_serial(z, &bias[e * width..][..width])
+                });
+                (None, z)
+            }
+            AfterBias::GeluTanh => {
+                let y = filled(shape.len(), |y| {
+                    let outs = shape.chunks_of(data, width).into_iter().zip(shape.chunks_of(y, width)).collect();
+                    shape.for_each_chunk(outs, |e, _, (z, y)| {
+                        cpu_kernels::add_bias_gelu_tanh_keep(z, y, &bias[e * width..][..width])
+                    });
+                });
+                let y = flex_from_vec(y, z.layout().shape().clone());
+                (Some(z), y)
+            }
+        }
+    };
+    let out = match (ExpertBiasBackward { shape, after }).prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let (z, y) = forward(x.primitive, bias.primitive);
+            prep.finish(z, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, bias.primitive).1),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, Tolerance};
 
     fn rand<B: Backend, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
         Tensor::random(shape, Distribution::Normal(0.0, 2.0), &Default::default())
@@ -134,32 +241,45 @@ mod tests {
     }
 
     #[test]
-    fn under_autodiff_it_is_the_ops_with_their_gradients() {
+    fn under_autodiff_it_equals_the_ops_and_their_gradients() {
         type Ad = Autodiff<Flex>;
-        let x = rand::<Ad, 3>([3, 5, 8]).require_grad();
-        let bias = rand::<Ad, 2>([3, 8]).require_grad();
-        let y = add_expert_bias(x.clone(), bias.clone(), None, AfterBias::GeluTanh);
-        let expected = gelu_tanh(x.clone() + broadcast_middle(bias.clone(), 5));
-        y.clone().into_data().assert_eq(&expected.into_data(), true);
-        let grads = y.sum().backward();
-        let bias_grad = bias.grad(&grads).expect("the bias is tracked");
-        assert_eq!(bias_grad.dims(), [3, 8]);
-        assert!(x.grad(&grads).is_some());
+        // Groups of several row chunks (the bias gradient's partial sums), and
+        // a single group as a dense layer's.
+        for [experts, slots, width] in [[3, 5, 8], [2, 700, 48], [1, 9, 5]] {
+            let x = rand::<Ad, 3>([experts, slots, width]).require_grad();
+            let bias = rand::<Ad, 2>([experts, width]).require_grad();
+            let w = rand::<Ad, 3>([experts, slots, width]);
+            for after in [AfterBias::Nothing, AfterBias::GeluTanh] {
+                let run = |op: &dyn Fn(Tensor<Ad, 3>, Tensor<Ad, 2>) -> Tensor<Ad, 3>| {
+                    // `x` as a product's output would be: its own buffer.
+                    let y = op(x.clone() * 1.0, bias.clone());
+                    let grads = (y.clone() * w.clone()).sum().backward();
+                    [y.inner(), x.grad(&grads).unwrap(), bias.grad(&grads).unwrap().unsqueeze_dim(0)]
+                };
+                let ours = run(&|x, b| add_expert_bias(x, b, None, after));
+                let ops = run(&|x, b| after.apply(x + broadcast_middle(b, slots)));
+                let [y, dx, db] = ours;
+                let [y_ops, dx_ops, db_ops] = ops;
+                y.into_data().assert_eq(&y_ops.into_data(), true);
+                dx.into_data().assert_eq(&dx_ops.into_data(), true);
+                db.into_data().assert_approx_eq::<f32>(&db_ops.into_data(), Tolerance::rel_abs(1e-5, 1e-4));
+            }
+        }
     }
 
     #[test]
-    fn a_dense_layer_is_its_linear_then_the_activation_bit_for_bit() {
+    fn a_dense_layer_is_its_product_bias_and_activation() {
         let device = Default::default();
         let mut layer = crate::init::linear::<Flex>(24, 40, true, &device);
         layer.bias = Some(burn::module::Param::from_tensor(rand([40])));
         let x = rand::<Flex, 2>([9, 24]);
-        for after in [AfterBias::Nothing, AfterBias::GeluTanh] {
-            let ours = linear_then(x.clone(), &layer, after);
-            ours.into_data().assert_eq(&after.apply(linear(x.clone(), &layer)).into_data(), true);
+        let unbiased = Linear { bias: None, ..layer.clone() };
+        for layer in [layer, unbiased] {
+            for after in [AfterBias::Nothing, AfterBias::GeluTanh] {
+                let ours = linear_then(x.clone(), &layer, after);
+                let ops = after.apply(layer.forward(x.clone()));
+                ours.into_data().assert_approx_eq::<f32>(&ops.into_data(), Tolerance::absolute(1e-5));
+            }
         }
-        let unbiased = Linear { bias: None, ..layer };
-        linear_then(x.clone(), &unbiased, AfterBias::GeluTanh)
-            .into_data()
-            .assert_eq(&gelu_tanh(linear(x, &unbiased)).into_data(), true);
     }
 }

@@ -12,6 +12,8 @@
 //! contraction either way). Work is split over rayon's threads in chunks of
 //! whole rows.
 
+use core::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Elements per rayon task (16K f32: 64 KiB in, 64 KiB out).
@@ -317,7 +319,79 @@ fn bias_gelu_rows(x: &mut [f32], bias: &[f32]) {
     }
 }
 
+/// `z = x + bias` in place and `y = gelu_tanh(z)`, row by row.
+#[inline(always)]
+fn bias_gelu_keep_rows(z: &mut [f32], y: &mut [MaybeUninit<f32>], bias: &[f32]) {
+    for (z, y) in z.chunks_exact_mut(bias.len()).zip(y.chunks_exact_mut(bias.len())) {
+        for ((z, y), &b) in z.iter_mut().zip(y.iter_mut()).zip(bias) {
+            *z += b;
+            y.write(gelu_scalar(*z));
+        }
+    }
+}
+
+/// `dz = g * gelu_tanh'(z)`, and the sum of `dz`'s rows added into `sums`.
+#[inline(always)]
+fn gelu_backward_sum_rows(z: &[f32], g: &[f32], dz: &mut [MaybeUninit<f32>], sums: &mut [f32]) {
+    let d = sums.len();
+    for ((z, g), dz) in z.chunks_exact(d).zip(g.chunks_exact(d)).zip(dz.chunks_exact_mut(d)) {
+        for (((dz, &z), &g), s) in dz.iter_mut().zip(z).zip(g).zip(sums.iter_mut()) {
+            let v = g * gelu_grad(z);
+            dz.write(v);
+            *s += v;
+        }
+    }
+}
+
+/// The sum of `g`'s rows added into `sums`.
+#[inline(always)]
+fn sum_rows_into(g: &[f32], sums: &mut [f32]) {
+    for g in g.chunks_exact(sums.len()) {
+        for (s, &g) in sums.iter_mut().zip(g) {
+            *s += g;
+        }
+    }
+}
+
 multiversion!(bias_rows_best, bias_rows, (x: &mut [f32], bias: &[f32]));
+multiversion!(bias_gelu_keep_rows_best, bias_gelu_keep_rows, (z: &mut [f32], y: &mut [MaybeUninit<f32>], bias: &[f32]));
+multiversion!(gelu_backward_sum_rows_best, gelu_backward_sum_rows, (z: &[f32], g: &[f32], dz: &mut [MaybeUninit<f32>], sums: &mut [f32]));
+multiversion!(sum_rows_into_best, sum_rows_into, (g: &[f32], sums: &mut [f32]));
+
+/// `z += bias` on every row of `z` and `y = gelu_tanh(z)`, on the calling
+/// thread: the pre-activation kept for the backward pass.
+pub(crate) fn add_bias_gelu_tanh_keep(z: &mut [f32], y: &mut [MaybeUninit<f32>], bias: &[f32]) {
+    assert!(
+        !bias.is_empty() && z.len() == y.len() && z.len().is_multiple_of(bias.len()),
+        "bias of {} on {} elements",
+        bias.len(),
+        z.len()
+    );
+    bias_gelu_keep_rows_best(z, y, bias);
+}
+
+/// `dz = g * gelu_tanh'(z)` and `sums += ` the sum of `dz`'s rows (rows of
+/// `sums.len()`), on the calling thread.
+pub(crate) fn gelu_tanh_backward_row_sums(z: &[f32], g: &[f32], dz: &mut [MaybeUninit<f32>], sums: &mut [f32]) {
+    assert!(
+        !sums.is_empty() && z.len() == g.len() && z.len() == dz.len() && z.len().is_multiple_of(sums.len()),
+        "gelu backward: lengths"
+    );
+    gelu_backward_sum_rows_best(z, g, dz, sums);
+}
+
+/// `x[r] += bias` for every row `r` of `x`, on the calling thread.
+pub(crate) fn add_bias_rows_serial(x: &mut [f32], bias: &[f32]) {
+    assert!(!bias.is_empty() && x.len().is_multiple_of(bias.len()), "bias of {} on {} elements", bias.len(), x.len());
+    bias_rows_best(x, bias);
+}
+
+/// `sums += ` the sum of `g`'s rows (rows of `sums.len()`), on the calling
+/// thread.
+pub(crate) fn add_row_sums(g: &[f32], sums: &mut [f32]) {
+    assert!(!sums.is_empty() && g.len().is_multiple_of(sums.len()), "row sums: lengths");
+    sum_rows_into_best(g, sums);
+}
 multiversion!(bias_gelu_rows_best, bias_gelu_rows, (x: &mut [f32], bias: &[f32]));
 
 /// `x[r] += bias` for every row `r` of `bias.len()` elements of `x`, in

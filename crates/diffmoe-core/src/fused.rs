@@ -41,11 +41,6 @@ pub(crate) fn is_cpu<B: Backend>() -> bool {
     id == TypeId::of::<Flex>() || id == TypeId::of::<Autodiff<Flex>>()
 }
 
-/// Whether `B` is burn's CPU backend without autodiff (inference), `Flex`.
-pub(crate) fn is_flex<B: Backend>() -> bool {
-    TypeId::of::<B>() == TypeId::of::<Flex>()
-}
-
 /// The CPU backend's tensor behind `x` when `B` is `Flex` and `x` holds f32
 /// (for kernels outside this crate), `x` back otherwise.
 pub fn flex_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {

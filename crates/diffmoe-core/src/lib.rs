@@ -38,6 +38,7 @@ mod global_pool;
 mod matmul;
 mod mlp;
 mod routing;
+mod row_groups;
 mod rows;
 mod threshold;
 mod token_choice;

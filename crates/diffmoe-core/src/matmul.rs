@@ -21,7 +21,8 @@ use burn::tensor::{backend::Backend, Shape, Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use crate::fused::{flex_from_vec, is_cpu, on_cpu_pair};
+use crate::bias::{linear_then, AfterBias};
+use crate::fused::{flex_from_vec, on_cpu_pair};
 
 /// Products of at least this many multiply-adds split one matrix across
 /// threads (burn-flex's threshold).
@@ -67,14 +68,7 @@ pub fn matmul_filled_rows<B: Backend>(lhs: Tensor<B, 3>, rhs: Tensor<B, 3>, fill
 /// # Shapes
 /// - `x`: `[rows, d_input]` -> `[rows, d_output]`
 pub fn linear<B: Backend>(x: Tensor<B, 2>, layer: &Linear<B>) -> Tensor<B, 2> {
-    if !is_cpu::<B>() {
-        return layer.forward(x);
-    }
-    let y = matmul(x, layer.weight.val());
-    match &layer.bias {
-        Some(bias) => y + bias.val().unsqueeze_dim(0),
-        None => y,
-    }
+    linear_then(x, layer, AfterBias::Nothing)
 }
 
 /// A strided matrix operand: element `(r, c)` of batch item `b` at
