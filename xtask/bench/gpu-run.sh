@@ -106,7 +106,7 @@ bench() {
     --repeat "$repeat" --workload "$workload" ${SHAPE} --json "$WORK/bench-$size-$workload.json"
 }
 
-# official s|l: the official code's train step and eval forward, per preset.
+# official s|l: the official code's train step, eval forward and sampling, per preset.
 official() {
   local presets batch preset
   [ -d .gpu/official ] || return 0

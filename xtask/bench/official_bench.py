@@ -1,10 +1,12 @@
 """Time the official PyTorch implementation (KwaiVGI/DiffMoE) on the same
 workloads as `cargo xtask bench`: train-step (RectifiedFlow loss, backward,
-AdamW) and eval-forward (the official `forward_eval`, dynamic routing), for
+AdamW), eval-forward (the official `forward_eval`, dynamic routing) and
+sample (`--sample-steps` steps of the official Euler sampler, unguided), for
 the model of one of this repository's config files.
 
 Usage: python official_bench.py OFFICIAL_REPO CONFIG.toml [--batch N]
-       [--repeat N] [--warmup N] [--device cuda|cpu] [--json FILE]
+       [--repeat N] [--warmup N] [--sample-steps N] [--device cuda|cpu]
+       [--json FILE]
 
 OFFICIAL_REPO is a checkout of https://github.com/KwaiVGI/DiffMoE (only
 models/ and diffusion/rectified_flow.py are imported). Nothing of it is
@@ -90,6 +92,7 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sample-steps", type=int, default=4)
     p.add_argument("--device", default="cuda")
     p.add_argument("--json")
     a = p.parse_args()
@@ -136,6 +139,10 @@ def main():
         rows.append(
             {"workload": "eval-forward", **timed(lambda: model(x, t, y), a.device, a.warmup, a.repeat)}
         )
+        # The official Euler sampler, unguided (`null_cond=None`), as the
+        # bench's `sample` workload; it prints a line per call.
+        sample = lambda: flow.sample(x, y, sample_steps=a.sample_steps, mode="euler")
+        rows.append({"workload": "sample", **timed(sample, a.device, a.warmup, a.repeat)})
 
     for r in rows:
         r.update(preset=cfg["name"], batch=n, images_per_s=n / r["median_s"], device=a.device)
