@@ -9,8 +9,11 @@
 //! for a dense layer, whose bias broadcasts over the leading axis). On the
 //! S-E16 bench shapes the pass took the DiffMoE inference forward from
 //! 1.19-1.22x to 1.12-1.15x the dense one (docs/benchmarks.md, 2026-12-07).
-//! Elsewhere (GPU backends, which fuse elementwise chains themselves, and
-//! training) it is those ops.
+//! In training on the CPU backend (`Autodiff<Flex>`) it is an op of its own:
+//! the sum written in place (and kept for GELU's derivative), the
+//! activation into a new buffer, and one backward pass giving the input's
+//! gradient and the bias gradient's row sums together. Elsewhere (GPU
+//! backends, which fuse elementwise chains themselves) it is those ops.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
