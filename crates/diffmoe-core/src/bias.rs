@@ -15,6 +15,8 @@
 //! gradient and the bias gradient's row sums together. Elsewhere (GPU
 //! backends, which fuse elementwise chains themselves) it is those ops.
 
+use core::any::TypeId;
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -27,7 +29,7 @@ use burn_flex::{Flex, FlexTensor};
 use crate::activation::gelu_tanh;
 use crate::broadcast::broadcast_middle;
 use crate::cpu_kernels;
-use crate::fused::{cast, flex_contiguous, flex_f32, flex_from_vec, from_flex, is_cpu, same_type};
+use crate::fused::{cast, flex_contiguous, flex_f32, flex_from_vec, from_flex, is_cpu};
 use crate::matmul::matmul;
 use crate::row_groups::{filled, RowGroups};
 
@@ -110,12 +112,11 @@ pub(crate) fn add_expert_bias<B: Backend>(
         Ok(x) => from_flex(x),
         Err(x) => x,
     };
-    if filled.is_none() && x.dtype() == DType::F32 && bias.dtype() == DType::F32 && width > 0 {
-        if let (Ok(x), Ok(bias)) =
-            (same_type::<_, Tensor<Ad, 3>>(x.clone()), same_type::<_, Tensor<Ad, 2>>(bias.clone()))
-        {
-            return cast(autodiff_expert_bias(x, bias, after));
-        }
+    let training_cpu = TypeId::of::<B>() == TypeId::of::<Ad>();
+    if training_cpu && filled.is_none() && x.dtype() == DType::F32 && bias.dtype() == DType::F32 && width > 0 {
+        // Moved, not cloned: the op adds the bias in place when it holds
+        // the only reference to `x`'s buffer.
+        return cast(autodiff_expert_bias(cast(x), cast(bias), after));
     }
     after.apply(x + broadcast_middle(bias, slots))
 }
