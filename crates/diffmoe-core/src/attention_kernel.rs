@@ -102,8 +102,16 @@ impl Shared {
     }
 }
 
-/// `dst = beta * lhs @ rhs` (`m x k` by `k x n`), or `dst += ...` when
-/// `accumulate`.
+/// How a product meets its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DstUpdate {
+    /// `dst = beta * lhs @ rhs`.
+    Overwrite,
+    /// `dst += beta * lhs @ rhs`.
+    Accumulate,
+}
+
+/// `beta * lhs @ rhs` (`m x k` by `k x n`) into `dst`.
 ///
 /// # Safety
 /// Every element addressed through the three strided matrices lies within
@@ -114,7 +122,7 @@ unsafe fn product(
     n: usize,
     k: usize,
     dst: Strided<*mut f32>,
-    accumulate: bool,
+    update: DstUpdate,
     lhs: Strided<*const f32>,
     rhs: Strided<*const f32>,
     beta: f32,
@@ -128,7 +136,7 @@ unsafe fn product(
             dst.ptr,
             dst.col,
             dst.row,
-            accumulate,
+            update == DstUpdate::Accumulate,
             lhs.ptr,
             lhs.col,
             lhs.row,
@@ -155,7 +163,7 @@ fn probabilities(shape: &HeadsShape, scale: f32, qkv: &[f32], n: usize, h: usize
     // SAFETY: `q` spans rows `q0..q0 + rows` and `k` rows `0..tokens` of
     // image `n` (within `qkv`, whose length the callers check), each
     // `head_dim` columns from the given column; `probs` holds `rows x tokens`.
-    unsafe { product(rows, t, shape.head_dim, rows_of(probs.as_mut_ptr(), t), false, q, k.t(), scale) };
+    unsafe { product(rows, t, shape.head_dim, rows_of(probs.as_mut_ptr(), t), DstUpdate::Overwrite, q, k.t(), scale) };
     cpu_kernels::softmax_rows_serial(probs, t);
 }
 
@@ -187,7 +195,16 @@ pub(crate) fn forward(shape: HeadsShape, scale: f32, qkv: &[f32]) -> Vec<f32> {
             // task's alone and lie within the output's capacity; `v` spans
             // the image's `tokens` rows.
             unsafe {
-                product(rows, head_dim, t, rows_of(dst, shape.out_width()), false, rows_of(probs.as_ptr(), t), v, 1.0)
+                product(
+                    rows,
+                    head_dim,
+                    t,
+                    rows_of(dst, shape.out_width()),
+                    DstUpdate::Overwrite,
+                    rows_of(probs.as_ptr(), t),
+                    v,
+                    1.0,
+                )
             };
         },
     );
@@ -233,7 +250,8 @@ pub(crate) fn backward(shape: HeadsShape, scale: f32, qkv: &[f32], d_out: &[f32]
                 let q = rows_of(qkv[shape.qkv_at(n, 0, h) + q0 * width..].as_ptr(), width);
                 let g = rows_of(d_out[shape.out_at(n, h) + q0 * out_width..].as_ptr(), out_width);
                 let (p_mat, dp_mat) = (rows_of(p.as_ptr(), t), rows_of(dp.as_mut_ptr(), t));
-                let first = q0 == 0;
+                // The first block writes d_k and d_v, the others add to them.
+                let sum = if q0 == 0 { DstUpdate::Overwrite } else { DstUpdate::Accumulate };
                 // SAFETY: every operand spans rows of image `n` within its
                 // buffer (`q`, `g` the block's rows, `k`, `v` and the d_k,
                 // d_v destinations all `tokens` rows), `head_dim` columns
@@ -242,14 +260,14 @@ pub(crate) fn backward(shape: HeadsShape, scale: f32, qkv: &[f32], d_out: &[f32]
                 // matrices hold `rows x tokens`.
                 unsafe {
                     // d_v (+)= p^T g.
-                    product(t, head_dim, rows, at(2, 0), !first, p_mat.t(), g, 1.0);
+                    product(t, head_dim, rows, at(2, 0), sum, p_mat.t(), g, 1.0);
                     // d_p = g v^T, then d_s = p * (d_p - rowsum(p * d_p)) in place.
-                    product(rows, t, head_dim, dp_mat, false, g, v.t(), 1.0);
+                    product(rows, t, head_dim, dp_mat, DstUpdate::Overwrite, g, v.t(), 1.0);
                     cpu_kernels::softmax_backward_rows_in_place(p, dp, t);
                     let ds = rows_of(dp.as_ptr(), t);
                     // d_q = scale d_s k; d_k (+)= scale d_s^T q.
-                    product(rows, head_dim, t, at(0, q0), false, ds, k, scale);
-                    product(t, head_dim, rows, at(1, 0), !first, ds.t(), q, scale);
+                    product(rows, head_dim, t, at(0, q0), DstUpdate::Overwrite, ds, k, scale);
+                    product(t, head_dim, rows, at(1, 0), sum, ds.t(), q, scale);
                 }
             }
         },
