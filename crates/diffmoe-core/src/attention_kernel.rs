@@ -20,6 +20,7 @@
 use rayon::prelude::*;
 
 use crate::cpu_kernels;
+use crate::matmul::OutPtr;
 
 /// Elements of one score block (256 KiB of f32): a block of query rows
 /// against every key stays in L2 between the two products that use it.
@@ -84,22 +85,6 @@ impl<P: Copy> Strided<P> {
 /// Row-major with rows `row` elements apart.
 fn rows_of<P>(ptr: P, row: usize) -> Strided<P> {
     Strided { ptr, row: row as isize, col: 1 }
-}
-
-/// A pointer into a buffer that tasks share, each touching its own elements.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: tasks write disjoint elements (each (image, head) its own columns,
-// each query block its own rows).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The element `offset` past the start (a method, so that closures
-    /// capture the whole `Shared`).
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 /// How a product meets its destination.
@@ -180,7 +165,7 @@ pub(crate) fn forward(shape: HeadsShape, scale: f32, qkv: &[f32]) -> Vec<f32> {
     let mut out = Vec::<f32>::with_capacity(len);
     let block = shape.block_rows();
     let blocks = t.div_ceil(block);
-    let dst = Shared(out.as_mut_ptr());
+    let dst = OutPtr(out.as_mut_ptr());
     (0..images * heads * blocks).into_par_iter().for_each_init(
         || vec![0.0f32; block * t],
         |scratch, task| {
@@ -190,7 +175,9 @@ pub(crate) fn forward(shape: HeadsShape, scale: f32, qkv: &[f32]) -> Vec<f32> {
             let probs = &mut scratch[..rows * t];
             probabilities(&shape, scale, qkv, n, h, q0, probs);
             let v = rows_of(qkv[shape.qkv_at(n, 2, h)..].as_ptr(), shape.qkv_width());
-            let dst = dst.at(shape.out_at(n, h) + q0 * shape.out_width());
+            // SAFETY: the offset of row `q0` of head `h` of image `n` lies
+            // within the output.
+            let dst = unsafe { dst.at(shape.out_at(n, h) + q0 * shape.out_width()) };
             // SAFETY: rows `q0..q0 + rows` of head `h` of image `n` are this
             // task's alone and lie within the output's capacity; `v` spans
             // the image's `tokens` rows.
@@ -233,7 +220,7 @@ pub(crate) fn backward(shape: HeadsShape, scale: f32, qkv: &[f32], d_out: &[f32]
     let len = qkv.len();
     let mut d_qkv = Vec::<f32>::with_capacity(len);
     let block = shape.block_rows();
-    let dst = Shared(d_qkv.as_mut_ptr());
+    let dst = OutPtr(d_qkv.as_mut_ptr());
     (0..images * heads).into_par_iter().for_each_init(
         || (vec![0.0f32; block * t], vec![0.0f32; block * t]),
         |(p_scratch, dp_scratch), task| {
@@ -242,7 +229,9 @@ pub(crate) fn backward(shape: HeadsShape, scale: f32, qkv: &[f32], d_out: &[f32]
                 rows_of(qkv[shape.qkv_at(n, 1, h)..].as_ptr(), width),
                 rows_of(qkv[shape.qkv_at(n, 2, h)..].as_ptr(), width),
             );
-            let at = |part: usize, q0: usize| rows_of(dst.at(shape.qkv_at(n, part, h) + q0 * width), width);
+            // SAFETY: the offset of row `q0` of a head of image `n` lies within
+            // the gradient's buffer.
+            let at = |part: usize, q0: usize| rows_of(unsafe { dst.at(shape.qkv_at(n, part, h) + q0 * width) }, width);
             for q0 in (0..t).step_by(block) {
                 let rows = block.min(t - q0);
                 let (p, dp) = (&mut p_scratch[..rows * t], &mut dp_scratch[..rows * t]);

@@ -95,20 +95,22 @@ impl Operand {
     }
 }
 
-/// Raw output pointer shared by the batch's threads, each writing its own
-/// matrix.
+/// Raw pointer to an output buffer shared by tasks on rayon's threads,
+/// each writing its own elements (a batch's matrices here, attention's
+/// heads and query blocks in `attention_kernel`).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every thread writes a disjoint matrix of the output.
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: its users' tasks write disjoint elements of the output.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// The element `offset` past the start.
+    /// The element `offset` past the start (a method, so that closures
+    /// capture the whole `OutPtr`).
     ///
     /// # Safety
     /// `offset` lies within the output's allocation.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
         unsafe { self.0.add(offset) }
     }
 }
