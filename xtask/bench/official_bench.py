@@ -124,8 +124,21 @@ def main():
         opt.step()
 
     rows = []
+
+    def record(workload, times):
+        # Printed and written as each workload finishes, so that a run cut
+        # short by a time limit keeps the workloads it finished.
+        r = {"workload": workload, **times, "preset": cfg["name"], "batch": n, "device": a.device}
+        r["images_per_s"] = n / r["median_s"]
+        rows.append(r)
+        print(f"{cfg['name']:<24} {workload:<13} {r['median_s']:.4f} s  {r['images_per_s']:.1f} img/s", flush=True)
+        if a.json:
+            with open(a.json + ".tmp", "w") as f:
+                json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
+            os.replace(a.json + ".tmp", a.json)
+
     model.train()
-    rows.append({"workload": "train-step", **timed(train_step, a.device, a.warmup, a.repeat)})
+    record("train-step", timed(train_step, a.device, a.warmup, a.repeat))
 
     with torch.no_grad():
         if m["family"] == "diffmoe":
@@ -136,20 +149,11 @@ def main():
             for layer in moe:
                 layer.ema_decay.fill_(0.95)
         model.eval()
-        rows.append(
-            {"workload": "eval-forward", **timed(lambda: model(x, t, y), a.device, a.warmup, a.repeat)}
-        )
+        record("eval-forward", timed(lambda: model(x, t, y), a.device, a.warmup, a.repeat))
         # The official Euler sampler, unguided (`null_cond=None`), as the
         # bench's `sample` workload; it prints a line per call.
         sample = lambda: flow.sample(x, y, sample_steps=a.sample_steps, mode="euler")
-        rows.append({"workload": "sample", **timed(sample, a.device, a.warmup, a.repeat)})
-
-    for r in rows:
-        r.update(preset=cfg["name"], batch=n, images_per_s=n / r["median_s"], device=a.device)
-        print(f"{cfg['name']:<24} {r['workload']:<13} {r['median_s']:.4f} s  {r['images_per_s']:.1f} img/s")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
+        record("sample", timed(sample, a.device, a.warmup, a.repeat))
     dist.destroy_process_group()
 
 
