@@ -70,10 +70,14 @@ enum Selection {
 }
 
 /// How the threshold modes lay out expert slots: every expert gets `slots`
-/// (the largest `k_e` rounded up to a bucket of `chunk / 8`, so that a
-/// backend that compiles per shape sees few shapes), run `chunk` slots at a
-/// time, `chunk` being `S / n_experts` rounded up to a multiple of 8: a chunk
-/// holds about as many expert rows as the pool has tokens.
+/// (the largest `k_e` rounded up to a bucket of an eighth of `S /
+/// n_experts`, so that a backend that compiles per shape sees few shapes),
+/// run `chunk` slots at a time: the fewest chunks of at most twice `S /
+/// n_experts` slots (rounded up to a multiple of 8), as even as they come.
+/// A chunk holds at most about twice as many expert rows as the pool has
+/// tokens, and a slot axis a little longer than `S / n_experts` (the usual
+/// case at inference) runs in one pass over the experts' weights, not in a
+/// second pass for a few rows per expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SlotPlan {
     /// Slots per expert, `>= max_e k_e`, at most `S`.
@@ -85,9 +89,12 @@ struct SlotPlan {
 impl SlotPlan {
     fn new(pool: usize, n_experts: usize, k_max: usize) -> Self {
         let round_up = |n: usize, m: usize| n.div_ceil(m) * m;
-        let chunk = round_up(pool.div_ceil(n_experts.max(1)), 8).min(pool).max(1);
-        let bucket = (chunk / 8).max(1);
-        Self { slots: round_up(k_max, bucket).min(pool), chunk }
+        let share = round_up(pool.div_ceil(n_experts.max(1)), 8).min(pool).max(1);
+        let bucket = (share / 8).max(1);
+        let slots = round_up(k_max, bucket).min(pool);
+        let chunks = slots.div_ceil(2 * share).max(1);
+        let chunk = round_up(slots.div_ceil(chunks), 8).min(slots).max(1);
+        Self { slots, chunk }
     }
 }
 
@@ -191,10 +198,10 @@ impl<B: Backend> DiffMoeLayer<B> {
     /// official rule, the tokens above its threshold for per-token routing.
     /// The slots past `k_e` are weighted by zero, so all
     /// experts still run as batched matmuls: over chunks of the slot axis,
-    /// so that the layer's memory stays that of about `S` expert rows however
-    /// the tokens fall. On the CPU backend the products skip the padding
-    /// (`sum_e k_e` rows computed, not `E * max_e k_e`: a trained model's
-    /// experts take unequal shares at a given noise level).
+    /// so that the layer's memory stays that of at most about `2 S` expert
+    /// rows however the tokens fall. On the CPU backend the products skip
+    /// the padding (`sum_e k_e` rows computed, not `E * max_e k_e`: a
+    /// trained model's experts take unequal shares at a given noise level).
     fn route_by_threshold(
         &self,
         pool: &TokenPool<B>,
@@ -284,18 +291,22 @@ mod tests {
 
     #[test]
     fn slot_plans_bound_the_rows_of_a_chunk_by_the_pool() {
-        // S = 8192 tokens, 8 experts: chunks of 1024 slots, buckets of 128.
+        // S = 8192 tokens, 8 experts: a share of 1024 slots, buckets of 128.
         assert_eq!(SlotPlan::new(8192, 8, 1000), SlotPlan { slots: 1024, chunk: 1024 });
-        assert_eq!(SlotPlan::new(8192, 8, 1025), SlotPlan { slots: 1152, chunk: 1024 });
-        // Every token to one expert: S slots, still 1024 per chunk.
-        assert_eq!(SlotPlan::new(8192, 8, 8192), SlotPlan { slots: 8192, chunk: 1024 });
+        // A little over the share: one chunk, not a second one for the tail.
+        assert_eq!(SlotPlan::new(8192, 8, 1025), SlotPlan { slots: 1152, chunk: 1152 });
+        // Over twice the share: even chunks of at most twice the share.
+        assert_eq!(SlotPlan::new(8192, 8, 2100), SlotPlan { slots: 2176, chunk: 1088 });
+        // Every token to one expert: S slots, 2048 per chunk.
+        assert_eq!(SlotPlan::new(8192, 8, 8192), SlotPlan { slots: 8192, chunk: 2048 });
         // Tiny pools: never more slots than tokens.
-        assert_eq!(SlotPlan::new(24, 4, 3), SlotPlan { slots: 3, chunk: 8 });
+        assert_eq!(SlotPlan::new(24, 4, 3), SlotPlan { slots: 3, chunk: 3 });
         assert_eq!(SlotPlan::new(5, 16, 5), SlotPlan { slots: 5, chunk: 5 });
-        for (pool, experts, k) in [(1024, 16, 1), (1024, 16, 77), (16384, 16, 16384), (7, 3, 2)] {
+        for (pool, experts, k) in [(1024, 16, 1), (1024, 16, 77), (1024, 16, 300), (16384, 16, 16384), (7, 3, 2)] {
             let plan = SlotPlan::new(pool, experts, k);
             assert!(plan.slots >= k && plan.slots <= pool);
-            assert!(experts * plan.chunk <= pool + 8 * experts, "{plan:?}");
+            assert!(plan.chunk >= 1 && plan.chunk <= plan.slots, "{plan:?}");
+            assert!(experts * plan.chunk <= 2 * pool + 24 * experts, "{plan:?}");
         }
     }
 
