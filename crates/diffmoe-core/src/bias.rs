@@ -70,6 +70,18 @@ pub(crate) fn linear_then<B: Backend>(x: Tensor<B, 2>, layer: &Linear<B>, after:
     }
 }
 
+/// `x + bias` on every row: one in-place pass on the CPU backend (an op
+/// with its own backward step in training), burn's broadcast add elsewhere.
+///
+/// # Shapes
+/// - `x`: `[rows, width]`, `bias`: `[width]` -> `[rows, width]`
+pub fn add_bias<B: Backend>(x: Tensor<B, 2>, bias: Tensor<B, 1>) -> Tensor<B, 2> {
+    if !is_cpu::<B>() {
+        return x + bias.unsqueeze_dim(0);
+    }
+    add_expert_bias(x.unsqueeze_dim::<3>(0), bias.unsqueeze_dim(0), None, AfterBias::Nothing).squeeze_dim(0)
+}
+
 /// `after(x + bias[e])` on the rows of expert `e`: on the CPU backend in
 /// inference only on its first `filled[e]` rows (all of them without
 /// `filled`), the rows below left as they are (the padding of
@@ -269,6 +281,26 @@ mod tests {
                 db.into_data().assert_approx_eq::<f32>(&db_ops.into_data(), Tolerance::rel_abs(1e-5, 1e-4));
             }
         }
+    }
+
+    #[test]
+    fn add_bias_is_the_broadcast_add() {
+        type Ad = Autodiff<Flex>;
+        let x = rand::<Ad, 2>([700, 24]).require_grad();
+        let bias = rand::<Ad, 1>([24]).require_grad();
+        let w = rand::<Ad, 2>([700, 24]);
+        let run = |op: &dyn Fn(Tensor<Ad, 2>, Tensor<Ad, 1>) -> Tensor<Ad, 2>| {
+            let y = op(x.clone() * 1.0, bias.clone());
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (y.inner(), x.grad(&grads).unwrap(), bias.grad(&grads).unwrap())
+        };
+        let (y, dx, db) = run(&|x, b| add_bias(x, b));
+        let (y_ops, dx_ops, db_ops) = run(&|x, b| x + b.unsqueeze_dim(0));
+        y.into_data().assert_eq(&y_ops.into_data(), true);
+        dx.into_data().assert_eq(&dx_ops.into_data(), true);
+        db.into_data().assert_approx_eq::<f32>(&db_ops.into_data(), Tolerance::rel_abs(1e-5, 1e-4));
+        let plain = add_bias(x.clone().inner(), bias.clone().inner());
+        plain.into_data().assert_eq(&(x.inner() + bias.inner().unsqueeze_dim(0)).into_data(), true);
     }
 
     #[test]

@@ -48,6 +48,7 @@ mod topk;
 pub use activation::{gelu_tanh, silu, softmax_last};
 pub use adaln::{gated_residual, layer_norm, modulate, modulated_layer_norm};
 pub use attention::self_attention;
+pub use bias::add_bias;
 pub use broadcast::broadcast_middle;
 pub use capacity::{capacity_k, CapacityPredictor};
 pub use expert_bank::{ExpertBank, ExpertKind, GeluExperts, SwiGluExperts};

@@ -192,7 +192,12 @@ impl<B: Backend> DiT<B> {
         if let Some(tr) = trace.as_deref_mut() {
             tr.patch_embed = Some(patches.clone());
         }
-        let mut h = patches + self.pos_embed.val(); // [N, T, D]
+        // As `[N, T * D] + [1, T * D]`: burn-flex broadcasts a leading axis
+        // in its vectorised path, and a stride-0 axis before two real ones
+        // element by element.
+        let [n, tokens, d] = patches.dims();
+        let pos = self.pos_embed.val().reshape([1, tokens * d]);
+        let mut h = (patches.reshape([n, tokens * d]) + pos).reshape([n, tokens, d]); // [N, T, D]
         let t_emb = self.t_embedder.forward(t); // [N, D]
         let y_emb = self.y_embedder.forward(y); // [N, D]
         if let Some(tr) = trace.as_deref_mut() {

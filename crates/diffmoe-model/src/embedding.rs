@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
-use diffmoe_core::{init, linear, matmul, on_rows, silu};
+use diffmoe_core::{add_bias, init, linear, matmul, on_rows, silu};
 
 /// Size of the sinusoidal timestep features fed to the timestep MLP.
 pub const FREQUENCY_EMBEDDING_SIZE: usize = 256;
@@ -55,7 +55,7 @@ impl<B: Backend> PatchEmbed<B> {
             .permute([0, 2, 4, 1, 3, 5]) // [N, gh, gw, C, p, p]
             .reshape([n, gh * gw, c * p * p]);
         let weight = self.proj_weight.val().reshape([d_model, c * p * p]).transpose(); // [C*p*p, D]
-        on_rows(patches, |p| matmul(p, weight)) + self.proj_bias.val().reshape([1, 1, d_model])
+        on_rows(patches, |p| add_bias(matmul(p, weight), self.proj_bias.val()))
     }
 }
 
