@@ -8,19 +8,17 @@
 //! op with its own backward step ([`crate::adaln_kernel`]); elsewhere the
 //! composition of burn ops ([`layer_norm`], [`modulate`]).
 
-use core::any::TypeId;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::tensor::{backend::Backend, DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, Shape, Tensor, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 
 use crate::adaln_kernel::{self, LAYER_NORM_EPS};
 use crate::broadcast_middle;
-use crate::fused::{cast, flex_contiguous, flex_from_vec, from_flex};
+use crate::fused::{flex_contiguous, flex_from_vec, on_cpu3};
 use crate::row_groups::RowGroups;
 
 type Ad = Autodiff<Flex>;
@@ -84,32 +82,6 @@ pub fn gated_residual<B: Backend>(x: Tensor<B, 3>, gate: Tensor<B, 2>, h: Tensor
 fn rows_shape<B: Backend>(x: &Tensor<B, 3>) -> RowGroups {
     let [groups, rows, width] = x.dims();
     RowGroups { groups, rows, width }
-}
-
-/// Runs `flex` or `autodiff` on `(a, b, c)` when `B` is `Flex` or
-/// `Autodiff<Flex>`, all three hold f32 and the activations have elements.
-#[allow(clippy::type_complexity)]
-fn on_cpu3<B: Backend, const D: usize>(
-    a: Tensor<B, 3>,
-    b: Tensor<B, 2>,
-    c: Tensor<B, D>,
-    flex: impl FnOnce(FlexTensor, FlexTensor, FlexTensor) -> FlexTensor,
-    autodiff: impl FnOnce(Tensor<Ad, 3>, Tensor<Ad, 2>, Tensor<Ad, D>) -> Tensor<Ad, 3>,
-) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>, Tensor<B, D>)> {
-    let f32s = [a.dtype(), b.dtype(), c.dtype()].iter().all(|&d| d == DType::F32);
-    if !f32s || a.shape().num_elements() == 0 {
-        return Err((a, b, c));
-    }
-    let backend = TypeId::of::<B>();
-    if backend == TypeId::of::<Flex>() {
-        let (a, b, c): (Tensor<Flex, 3>, Tensor<Flex, 2>, Tensor<Flex, D>) = (cast(a), cast(b), cast(c));
-        let prim = |t: TensorPrimitive<Flex>| t.tensor();
-        return Ok(from_flex(flex(prim(a.into_primitive()), prim(b.into_primitive()), prim(c.into_primitive()))));
-    }
-    if backend == TypeId::of::<Ad>() {
-        return Ok(cast(autodiff(cast(a), cast(b), cast(c))));
-    }
-    Err((a, b, c))
 }
 
 /// The modulated LayerNorm and its rows' statistics.

@@ -65,9 +65,14 @@ pub(crate) fn linear_then<B: Backend>(x: Tensor<B, 2>, layer: &Linear<B>, after:
     }
     let y = matmul(x, layer.weight.val());
     match &layer.bias {
-        Some(bias) => add_expert_bias(y.unsqueeze_dim::<3>(0), bias.val().unsqueeze_dim(0), None, after).squeeze_dim(0),
+        Some(bias) => add_bias_then(y, bias.val(), after),
         None => after.apply(y),
     }
+}
+
+/// `after(x + bias)` on every row: [`add_expert_bias`] with one group.
+fn add_bias_then<B: Backend>(x: Tensor<B, 2>, bias: Tensor<B, 1>, after: AfterBias) -> Tensor<B, 2> {
+    add_expert_bias(x.unsqueeze_dim::<3>(0), bias.unsqueeze_dim(0), None, after).squeeze_dim(0)
 }
 
 /// `x + bias` on every row: one in-place pass on the CPU backend (an op
@@ -76,10 +81,7 @@ pub(crate) fn linear_then<B: Backend>(x: Tensor<B, 2>, layer: &Linear<B>, after:
 /// # Shapes
 /// - `x`: `[rows, width]`, `bias`: `[width]` -> `[rows, width]`
 pub fn add_bias<B: Backend>(x: Tensor<B, 2>, bias: Tensor<B, 1>) -> Tensor<B, 2> {
-    if !is_cpu::<B>() {
-        return x + bias.unsqueeze_dim(0);
-    }
-    add_expert_bias(x.unsqueeze_dim::<3>(0), bias.unsqueeze_dim(0), None, AfterBias::Nothing).squeeze_dim(0)
+    add_bias_then(x, bias, AfterBias::Nothing)
 }
 
 /// `after(x + bias[e])` on the rows of expert `e`: on the CPU backend in

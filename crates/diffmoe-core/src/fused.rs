@@ -156,6 +156,36 @@ pub(crate) fn on_cpu_pair<B: Backend, const D: usize>(
     Err((lhs, rhs))
 }
 
+/// Runs `flex` or `autodiff` on `(a, b, c)` when `B` is `Flex` or
+/// `Autodiff<Flex>`, all three hold f32 and the activations have elements.
+#[allow(clippy::type_complexity)]
+pub(crate) fn on_cpu3<B: Backend, const D: usize>(
+    a: Tensor<B, 3>,
+    b: Tensor<B, 2>,
+    c: Tensor<B, D>,
+    flex: impl FnOnce(FlexTensor, FlexTensor, FlexTensor) -> FlexTensor,
+    autodiff: impl FnOnce(
+        Tensor<Autodiff<Flex>, 3>,
+        Tensor<Autodiff<Flex>, 2>,
+        Tensor<Autodiff<Flex>, D>,
+    ) -> Tensor<Autodiff<Flex>, 3>,
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 2>, Tensor<B, D>)> {
+    let f32s = [a.dtype(), b.dtype(), c.dtype()].iter().all(|&d| d == DType::F32);
+    if !f32s || a.shape().num_elements() == 0 {
+        return Err((a, b, c));
+    }
+    let backend = TypeId::of::<B>();
+    if backend == TypeId::of::<Flex>() {
+        let (a, b, c): (Tensor<Flex, 3>, Tensor<Flex, 2>, Tensor<Flex, D>) = (cast(a), cast(b), cast(c));
+        let prim = |t: TensorPrimitive<Flex>| t.tensor();
+        return Ok(from_flex(flex(prim(a.into_primitive()), prim(b.into_primitive()), prim(c.into_primitive()))));
+    }
+    if backend == TypeId::of::<Autodiff<Flex>>() {
+        return Ok(cast(autodiff(cast(a), cast(b), cast(c))));
+    }
+    Err((a, b, c))
+}
+
 /// `x` with its f32 elements exactly covering its buffer in row-major order:
 /// `x` itself when it already does, a copy of a view otherwise.
 pub fn flex_contiguous(x: FlexTensor) -> FlexTensor {
