@@ -8,7 +8,7 @@
 //! pages on every step. Here the same `gemm` kernels write straight into an
 //! f32 buffer that burn takes over as it is; the backward step registers
 //! products of the same kind. Any other backend, float type or shape takes
-//! burn's `matmul`.
+//! burn's `matmul`, a single-row product as two rows ([`device_matmul`]).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -22,7 +22,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use crate::bias::{linear_then, AfterBias};
-use crate::fused::{flex_from_vec, on_cpu_pair};
+use crate::fused::{flex_from_vec, is_cpu, on_cpu_pair};
 
 /// Products of at least this many multiply-adds split one matrix across
 /// threads (burn-flex's threshold).
@@ -40,9 +40,42 @@ const PARALLEL_BATCH: usize = 128 * 128 * 128;
 pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
     let (ld, rd) = (lhs.dims(), rhs.dims());
     if D < 2 || ld[..D - 2] != rd[..D - 2] || ld[D - 1] != rd[D - 2] {
+        return device_matmul(lhs, rhs);
+    }
+    on_cpu_pair(lhs, rhs, flex_matmul, autodiff_matmul::<D>).unwrap_or_else(|(lhs, rhs)| device_matmul(lhs, rhs))
+}
+
+/// burn's `lhs @ rhs`; on backends other than the CPU one, a product of
+/// single rows (`m = 1`) is computed as one of two rows, the second zero,
+/// and the first row kept.
+///
+/// burn 0.21's GPU backends (burn-cubecl-fusion's fused matmul, with
+/// autotuning) give wrong results for some batched single-row products
+/// (cubek's vector-matrix kernels, `MatmulKind::VecMat`), depending on the
+/// kernel the autotuner picks. On `wgpu` over lavapipe, `[8, 1, 32] @ [8,
+/// 32, 32]` followed by an elementwise op was off by up to 10 in one run,
+/// `[8, 1, 96] @ [8, 96, 96]` in another, while two or more rows were
+/// always right. Single rows arise in the experts' products when an expert
+/// batch (or the last chunk of one) has one slot, and in attention over a
+/// single token; the second row costs one row's products.
+///
+/// # Shapes
+/// - `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` (batch axes broadcast) -> `[..., m, n]`
+fn device_matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    if D < 2 || is_cpu::<B>() || lhs.dims()[D - 2] != 1 {
         return lhs.matmul(rhs);
     }
-    on_cpu_pair(lhs, rhs, flex_matmul, autodiff_matmul::<D>).unwrap_or_else(|(lhs, rhs)| lhs.matmul(rhs))
+    single_row_as_two(lhs, rhs)
+}
+
+/// `lhs @ rhs` for `lhs` of one row, computed on `[lhs; 0]` and the first
+/// row kept (see [`device_matmul`]).
+///
+/// # Shapes
+/// - `lhs`: `[..., 1, k]`, `rhs`: `[..., k, n]` -> `[..., 1, n]`
+fn single_row_as_two<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
+    let two_rows = Tensor::cat(vec![lhs.clone(), lhs.zeros_like()], D - 2);
+    two_rows.matmul(rhs).narrow(D - 2, 0, 1)
 }
 
 /// `lhs @ rhs` where only the first `filled[i]` rows of matrix `i` are
@@ -59,7 +92,7 @@ pub fn matmul_filled_rows<B: Backend>(lhs: Tensor<B, 3>, rhs: Tensor<B, 3>, fill
     let [batch, m, _] = lhs.dims();
     assert!(filled.len() == batch && filled.iter().all(|&f| f <= m), "{filled:?} filled rows of {batch} x {m}");
     on_cpu_pair(lhs, rhs, |lhs, rhs| flex_product(lhs, rhs, Some(filled)), autodiff_matmul::<3>)
-        .unwrap_or_else(|(lhs, rhs)| lhs.matmul(rhs))
+        .unwrap_or_else(|(lhs, rhs)| device_matmul(lhs, rhs))
 }
 
 /// `x @ weight + bias` of a burn [`Linear`] layer, its products by
@@ -370,6 +403,30 @@ mod tests {
         for (a, b) in ours.into_iter().zip(burns) {
             a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-4));
         }
+    }
+
+    /// The GPU backends' single-row fallback has burn's values and
+    /// gradients, broadcast batch axes included.
+    #[test]
+    fn single_row_as_two_equals_burns_product() {
+        fn check<const D: usize>(lhs: [usize; D], rhs: [usize; D], out: [usize; D]) {
+            let (lhs, rhs) = (rand::<Ad, D>(lhs).require_grad(), rand::<Ad, D>(rhs).require_grad());
+            let w = rand::<Ad, D>(out);
+            let grads_of = |y: Tensor<Ad, D>| {
+                let grads = (y.clone() * w.clone()).sum().backward();
+                [y.inner(), lhs.grad(&grads).expect("lhs tracked"), rhs.grad(&grads).expect("rhs tracked")]
+            };
+            let ours = grads_of(single_row_as_two(lhs.clone(), rhs.clone()));
+            let burns = grads_of(lhs.clone().matmul(rhs.clone()));
+            for (a, b) in ours.into_iter().zip(burns) {
+                assert_eq!(a.dims(), b.dims());
+                a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-5));
+            }
+        }
+        check([1, 7], [7, 5], [1, 5]);
+        check([8, 1, 96], [8, 96, 96], [8, 1, 96]);
+        check([2, 3, 1, 16], [2, 3, 16, 4], [2, 3, 1, 4]);
+        check([2, 3, 1, 16], [1, 1, 16, 4], [2, 3, 1, 4]);
     }
 
     #[test]
