@@ -57,6 +57,10 @@ enum Command {
         /// Directories in the formats of shared/fixtures/{parity,vae,inception}/README.md.
         #[arg(default_values = ["../shared/fixtures/parity", "../shared/fixtures/vae", "../shared/fixtures/inception"])]
         dirs: Vec<PathBuf>,
+        /// Check only these cases (names from the directories' index.json,
+        /// comma-separated or repeated); every case when absent.
+        #[arg(long = "case", value_delimiter = ',')]
+        cases: Vec<String>,
     },
     /// Write VAE (diffusers layout) and FID Inception (pytorch-fid weights-file
     /// layout) safetensors files of the real architectures and sizes with
@@ -116,25 +120,37 @@ const CONFIG_FILES: &[&str] = &[
 
 type Device = burn::tensor::Device<Backend>;
 
-/// Runs the parity checker that fits `dir/index.json` and prints its report;
-/// returns whether a group failed.
-fn parity(dir: &std::path::Path) -> Result<bool> {
+/// Runs the parity checker that fits `dir/index.json` on its cases (those
+/// named in `cases`, or all when it is empty) and prints its report;
+/// returns whether a group failed and the cases it checked.
+fn parity(dir: &std::path::Path, cases: &[String]) -> Result<(bool, Vec<String>)> {
     let index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("index.json"))
             .with_context(|| format!("reading {}/index.json", dir.display()))?,
     )?;
     let device: Device = Default::default();
     let format = index["format"].as_str().unwrap_or_default();
+    let chosen: Vec<String> = diffmoe_parity::index_cases(dir)?
+        .into_iter()
+        .map(|entry| entry.case)
+        .filter(|case| cases.is_empty() || cases.contains(case))
+        .collect();
+    if chosen.is_empty() {
+        return Ok((false, chosen));
+    }
     println!("== {} ({format})", dir.display());
-    let rows = if format.starts_with("VAE") {
-        diffmoe_vae::parity::check_dir::<Backend>(dir, &device)?
-    } else if format.starts_with("FID Inception") {
-        diffmoe_eval::parity::check_dir::<Backend>(dir, &device)?
-    } else {
-        diffmoe_train::parity::check_dir::<Backend>(dir, &device)?
-    };
+    let mut rows = Vec::new();
+    for case in &chosen {
+        rows.extend(if format.starts_with("VAE") {
+            diffmoe_vae::parity::check_case::<Backend>(dir, case, &device)?
+        } else if format.starts_with("FID Inception") {
+            diffmoe_eval::parity::check_case::<Backend>(dir, case, &device)?
+        } else {
+            diffmoe_train::parity::check_case::<Backend>(dir, case, &device)?
+        });
+    }
     print!("{}", format_report(&rows));
-    Ok(any_failed(&rows))
+    Ok((any_failed(&rows), chosen))
 }
 
 /// The device named by `--device`, which must belong to the compiled backend.
@@ -167,10 +183,15 @@ fn device(spec: &str) -> Result<Device> {
 fn main() -> Result<()> {
     keep_freed_memory();
     match Cli::parse().command {
-        Command::Parity { dirs } => {
-            let mut failed = false;
+        Command::Parity { dirs, cases } => {
+            let (mut failed, mut checked) = (false, Vec::new());
             for dir in &dirs {
-                failed |= parity(dir).with_context(|| format!("parity on {}", dir.display()))?;
+                let (f, c) = parity(dir, &cases).with_context(|| format!("parity on {}", dir.display()))?;
+                failed |= f;
+                checked.extend(c);
+            }
+            if let Some(missing) = cases.iter().find(|case| !checked.contains(case)) {
+                bail!("--case {missing}: no such case in the index.json of {dirs:?}");
             }
             if failed {
                 bail!("parity failed");
