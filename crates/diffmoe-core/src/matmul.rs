@@ -420,7 +420,7 @@ mod tests {
             let burns = grads_of(lhs.clone().matmul(rhs.clone()));
             for (a, b) in ours.into_iter().zip(burns) {
                 assert_eq!(a.dims(), b.dims());
-                a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-5));
+                a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::rel_abs(1e-5, 1e-5));
             }
         }
         check([1, 7], [7, 5], [1, 5]);
