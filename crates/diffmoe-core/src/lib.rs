@@ -31,6 +31,7 @@ mod capacity;
 mod compaction;
 mod counting_select;
 mod cpu_kernels;
+mod dispatch;
 mod expert_bank;
 mod expert_choice;
 mod fused;

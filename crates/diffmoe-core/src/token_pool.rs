@@ -5,6 +5,7 @@
 
 use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor};
 
+use crate::dispatch::{combine, gather_rows};
 use crate::expert_bank::ExpertBank;
 use crate::routing::RoutingStats;
 
@@ -103,9 +104,9 @@ impl<B: Backend> TokenPool<B> {
         let [n_experts, k] = indices.dims();
         let d_model = self.x.dims()[1];
         let flat = indices.reshape([n_experts * k]);
-        let inputs = self.x.clone().select(0, flat.clone()).reshape([n_experts, k, d_model]);
-        let outputs = experts(inputs) * weights.unsqueeze_dim(2); // [E, k, D]
-        acc.select_assign(0, flat, outputs.reshape([n_experts * k, d_model]), IndexingUpdateOp::Add)
+        let inputs = gather_rows(self.x.clone(), flat.clone()).reshape([n_experts, k, d_model]);
+        let outputs = experts(inputs).reshape([n_experts * k, d_model]);
+        combine(acc, flat, outputs, weights.reshape([n_experts * k]))
     }
 
     /// Scatters per-expert values into an expert-major `[n_experts, S]` map
