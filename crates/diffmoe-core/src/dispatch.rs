@@ -29,7 +29,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use crate::cpu_kernels::{multiversion, row_dot};
-use crate::fused::{cast, flex_contiguous, flex_from_vec, is_cpu, same_type};
+use crate::fused::{cast, flex_contiguous, flex_from_vec, from_flex, is_cpu, on_cpu, same_type};
 use crate::row_groups::filled;
 
 type Ad = Autodiff<Flex>;
@@ -51,12 +51,8 @@ pub(crate) fn gather_rows<B: Backend>(x: Tensor<B, 2>, indices: Tensor<B, 1, Int
         return x.select(0, indices);
     }
     let rows = host_indices(indices, tokens);
-    if TypeId::of::<B>() == TypeId::of::<Flex>() {
-        let x: Tensor<Flex, 2> = cast(x);
-        let y = flex_gather_rows(x.into_primitive().tensor(), &rows);
-        return cast(Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(y)));
-    }
-    cast(autodiff_gather_rows(cast(x), rows))
+    on_cpu(x, |x| flex_gather_rows(x, &rows), |x| autodiff_gather_rows(x, &rows))
+        .unwrap_or_else(|_| unreachable!("the CPU backend with f32 data"))
 }
 
 /// `acc[indices[r]] += weights[r] * outputs[r]` for every row `r`, in row
@@ -90,7 +86,7 @@ pub(crate) fn combine<B: Backend>(
             prim(outputs.into_primitive()),
             prim(weights.into_primitive()),
         );
-        return cast(Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(y)));
+        return from_flex(y);
     }
     cast(autodiff_combine(cast(acc), rows, cast(outputs), cast(weights)))
 }
@@ -263,15 +259,15 @@ impl Backward<Flex, 1> for GatherRowsBackward {
 }
 
 /// [`gather_rows`] under autodiff on the CPU backend.
-fn autodiff_gather_rows(x: Tensor<Ad, 2>, indices: Vec<usize>) -> Tensor<Ad, 2> {
+fn autodiff_gather_rows(x: Tensor<Ad, 2>, indices: &[usize]) -> Tensor<Ad, 2> {
     let tokens = x.dims()[0];
     let x = x.into_primitive().tensor();
     let out = match GatherRowsBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let y = flex_gather_rows(x.primitive, &indices);
-            prep.finish((indices, tokens), y)
+            let y = flex_gather_rows(x.primitive, indices);
+            prep.finish((indices.to_vec(), tokens), y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(flex_gather_rows(x.primitive, &indices)),
+        OpsKind::UnTracked(prep) => prep.finish(flex_gather_rows(x.primitive, indices)),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
@@ -314,15 +310,15 @@ struct CombineState {
     indices: Vec<usize>,
     outputs: Option<FlexTensor>,
     weights: Option<FlexTensor>,
-    width: usize,
 }
 
 impl Backward<Flex, 3> for CombineBackward {
     type State = CombineState;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let CombineState { indices, outputs, weights, width } = ops.state;
+        let CombineState { indices, outputs, weights } = ops.state;
         let g = flex_contiguous(grads.consume::<Flex>(&ops.node));
+        let width = g.layout().shape()[1];
         let [acc_node, outputs_node, weights_node] = ops.parents;
         let (rows, task) = (indices.len(), task_rows(width));
         let gs = g.storage::<f32>();
@@ -361,7 +357,6 @@ fn autodiff_combine(
     outputs: Tensor<Ad, 2>,
     weights: Tensor<Ad, 1>,
 ) -> Tensor<Ad, 2> {
-    let width = acc.dims()[1];
     let (acc, outputs, weights) =
         (acc.into_primitive().tensor(), outputs.into_primitive().tensor(), weights.into_primitive().tensor());
     let (outputs_tracked, weights_tracked) = (outputs.is_tracked(), weights.is_tracked());
@@ -373,7 +368,6 @@ fn autodiff_combine(
                 indices,
                 outputs: weights_tracked.then_some(outputs.primitive),
                 weights: outputs_tracked.then_some(weights.primitive),
-                width,
             };
             prep.finish(state, y)
         }
