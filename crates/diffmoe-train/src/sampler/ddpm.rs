@@ -254,6 +254,28 @@ impl DdpmSampler {
         self.timestep_map.len()
     }
 
+    /// How much the step at the respaced `index` moves its sample per unit
+    /// of its (clipped) `x_0` prediction: `coef1` of the posterior mean for
+    /// ancestral steps; for DDIM, `sqrt(acp_prev) - sqrt(1 - acp_prev -
+    /// sigma^2) / sqrt(1 / acp - 1)`, since the noise it re-derives from
+    /// `x_0` carries `x_0` too. An error of `x_0` reaches the sample times
+    /// this (a function of the schedule alone, like the step's other
+    /// coefficients).
+    ///
+    /// # Panics
+    /// If `index` is outside the schedule.
+    pub fn xstart_coefficient(&self, index: usize) -> f64 {
+        let s = &self.schedule;
+        match self.method {
+            DdpmMethod::Ancestral => s.posterior_mean_coef1[index],
+            DdpmMethod::Ddim { eta } => {
+                let (acp, prev) = (s.alphas_cumprod[index], s.alphas_cumprod_prev[index]);
+                let sigma = eta * ((1.0 - prev) / (1.0 - acp)).sqrt() * (1.0 - acp / prev).sqrt();
+                prev.sqrt() - (1.0 - prev - sigma * sigma).sqrt() / (1.0 / acp - 1.0).sqrt()
+            }
+        }
+    }
+
     /// Runs the reverse process from `x_t` at the last respaced index down to
     /// index 0, drawing one noise tensor per step from `noise`.
     ///
@@ -521,6 +543,56 @@ mod tests {
         assert!(run.steps.iter().all(|s| max_abs(s.pred_xstart.clone()) <= 1.0));
         let last = run.steps.last().unwrap().sample.clone();
         assert_eq!(max_abs(last.narrow(0, 0, 2) - run.sample), 0.0);
+    }
+
+    /// A network that predicts the same noise `eps` everywhere.
+    struct Constant {
+        eps: f32,
+    }
+
+    impl Denoiser<B> for Constant {
+        fn predict(&self, x: Tensor<B, 4>, _t: Tensor<B, 1>, _y: Tensor<B, 1, Int>) -> Tensor<B, 4> {
+            Tensor::cat(vec![x.ones_like().mul_scalar(self.eps), x.ones_like()], 1)
+        }
+
+        fn predict_with_cfg(
+            &self,
+            x: Tensor<B, 4>,
+            t: Tensor<B, 1>,
+            y: Tensor<B, 1, Int>,
+            _scale: f64,
+            _channels: CfgChannels,
+        ) -> Tensor<B, 4> {
+            self.predict(x, t, y)
+        }
+    }
+
+    #[test]
+    fn an_error_of_x0_reaches_the_sample_times_the_xstart_coefficient() {
+        let base = DdpmSchedule::linear(DDPM_STEPS);
+        for method in [DdpmMethod::Ancestral, DdpmMethod::Ddim { eta: 0.0 }, DdpmMethod::Ddim { eta: 0.5 }] {
+            let sampler = DdpmSampler::new(&base, "3,2", method).unwrap();
+            for index in 0..sampler.steps() {
+                // Shifting the predicted noise by `d` shifts `x_0` by `-d sqrt(1 / acp - 1)`.
+                let step = |eps: f32| {
+                    let mut noise = GivenNoise::<B>::new(vec![Tensor::ones([2, 2, 2, 2], &Default::default())]);
+                    let model = Constant { eps };
+                    sampler.step(&model, start(), labels(), index, &DdpmGuidance::Unguided, &mut noise)
+                };
+                let (a, b) = (step(0.25), step(0.5));
+                let x0_shift = (b.pred_xstart - a.pred_xstart).mean().into_scalar() as f64;
+                let sample_shift: Vec<f32> = (b.sample - a.sample).into_data().to_vec().unwrap();
+                let acp = sampler.schedule().alphas_cumprod[index];
+                assert!((x0_shift + 0.25 * (1.0 / acp - 1.0).sqrt()).abs() < 1e-3 * x0_shift.abs().max(1.0));
+                let expected = sampler.xstart_coefficient(index) * x0_shift;
+                for v in sample_shift {
+                    assert!(
+                        (v as f64 - expected).abs() <= 1e-4 * x0_shift.abs().max(1.0),
+                        "{method:?} index {index}: {v} against {expected}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
