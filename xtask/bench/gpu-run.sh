@@ -149,7 +149,8 @@ device() {
   bench s sample 45
   bench l sample 60
   bench s mlp-layer 45
-  phase parity 120 "$BIN" parity .gpu/fixtures/parity .gpu/fixtures/vae .gpu/fixtures/inception
+  phase parity 120 "$BIN" parity .gpu/fixtures/parity .gpu/fixtures/vae .gpu/fixtures/inception \
+    crates/diffmoe-train/tests/fixtures/official
 
   summary | tee "$OUT/summary.txt"
   tar -czf "$OUT/gpu-run.tar.gz" -C "$WORK" . && rm -rf "$WORK"

@@ -110,8 +110,10 @@ fn diffmoe_head_dim_swiglu_e16() {
     run_in(&generated(), "diffmoe_head_dim_swiglu_e16");
 }
 
-/// EC-DiT with 5 experts, 5 heads and `k = int((16 / 5) * 1.25)`, no shared expert.
+/// EC-DiT at `d_model` 40 with 5 experts and 5 heads, `k = int((16 / 5) *
+/// 1.25)`, no shared expert. (On wgpu, burn 0.21's kernel fusion computes its
+/// training forward wrongly: `docs/benchmarks.md`, 2026-12-07, fourth session.)
 #[test]
-fn ecdit_e5_capacity_1_25() {
-    run_in(&generated(), "ecdit_e5_capacity_1_25");
+fn ecdit_width_40() {
+    run_in(&generated(), "ecdit_width_40");
 }
