@@ -438,10 +438,18 @@ mod tests {
     }
 
     /// The exact noise predictor of a data distribution concentrated at 0:
-    /// `x_t = sqrt(1 - acp_t) eps`. It records the steps it is called with.
+    /// `x_t = sqrt(1 - acp_t) eps`, plus `offset` everywhere. It records the
+    /// steps it is called with.
     struct Origin {
         schedule: DdpmSchedule,
+        offset: f32,
         calls: std::cell::RefCell<Vec<f32>>,
+    }
+
+    impl Origin {
+        fn new(schedule: &DdpmSchedule) -> Self {
+            Self { schedule: schedule.clone(), offset: 0.0, calls: Default::default() }
+        }
     }
 
     impl Denoiser<B> for Origin {
@@ -449,7 +457,7 @@ mod tests {
             let step = t.into_data().to_vec::<f32>().unwrap()[0];
             self.calls.borrow_mut().push(step);
             let scale = (1.0 - self.schedule.alphas_cumprod[step as usize]).sqrt();
-            let eps = x.clone().div_scalar(scale);
+            let eps = x.clone().div_scalar(scale).add_scalar(self.offset);
             // Variance channel 1: the largest variance (beta_t).
             Tensor::cat(vec![eps, x.ones_like()], 1)
         }
@@ -484,7 +492,7 @@ mod tests {
     #[test]
     fn ddim_recovers_a_point_mass_and_passes_original_steps() {
         let base = DdpmSchedule::linear(DDPM_STEPS);
-        let model = Origin { schedule: base.clone(), calls: Default::default() };
+        let model = Origin::new(&base);
         let sampler = DdpmSampler::new(&base, "10", DdpmMethod::Ddim { eta: 0.0 }).unwrap();
         let run = sampler.sample(
             &model,
@@ -503,7 +511,7 @@ mod tests {
     #[test]
     fn ancestral_adds_no_noise_at_the_last_step_and_eta_zero_ignores_noise() {
         let base = DdpmSchedule::linear(DDPM_STEPS);
-        let model = Origin { schedule: base.clone(), calls: Default::default() };
+        let model = Origin::new(&base);
         let huge = |steps: usize, batch: usize| {
             GivenNoise::<B>::new(vec![Tensor::ones([batch, 2, 2, 2], &Default::default()).mul_scalar(1e3); steps])
         };
@@ -529,7 +537,7 @@ mod tests {
     #[test]
     fn guidance_doubles_the_batch_and_keeps_the_conditional_half() {
         let base = DdpmSchedule::linear(DDPM_STEPS);
-        let model = Origin { schedule: base.clone(), calls: Default::default() };
+        let model = Origin::new(&base);
         let sampler = DdpmSampler::new(&base, "5", DdpmMethod::Ancestral).unwrap().with_clip(ClipDenoised::UnitRange);
         let null_labels = Tensor::from_data(TensorData::new(vec![10i64, 10], [2]), &Default::default());
         let guidance = DdpmGuidance::Cfg { scale: 4.0, channels: CfgChannels::First(3), null_labels };
@@ -545,28 +553,6 @@ mod tests {
         assert_eq!(max_abs(last.narrow(0, 0, 2) - run.sample), 0.0);
     }
 
-    /// A network that predicts the same noise `eps` everywhere.
-    struct Constant {
-        eps: f32,
-    }
-
-    impl Denoiser<B> for Constant {
-        fn predict(&self, x: Tensor<B, 4>, _t: Tensor<B, 1>, _y: Tensor<B, 1, Int>) -> Tensor<B, 4> {
-            Tensor::cat(vec![x.ones_like().mul_scalar(self.eps), x.ones_like()], 1)
-        }
-
-        fn predict_with_cfg(
-            &self,
-            x: Tensor<B, 4>,
-            t: Tensor<B, 1>,
-            y: Tensor<B, 1, Int>,
-            _scale: f64,
-            _channels: CfgChannels,
-        ) -> Tensor<B, 4> {
-            self.predict(x, t, y)
-        }
-    }
-
     #[test]
     fn an_error_of_x0_reaches_the_sample_times_the_xstart_coefficient() {
         let base = DdpmSchedule::linear(DDPM_STEPS);
@@ -574,9 +560,9 @@ mod tests {
             let sampler = DdpmSampler::new(&base, "3,2", method).unwrap();
             for index in 0..sampler.steps() {
                 // Shifting the predicted noise by `d` shifts `x_0` by `-d sqrt(1 / acp - 1)`.
-                let step = |eps: f32| {
+                let step = |offset: f32| {
                     let mut noise = GivenNoise::<B>::new(vec![Tensor::ones([2, 2, 2, 2], &Default::default())]);
-                    let model = Constant { eps };
+                    let model = Origin { offset, ..Origin::new(&base) };
                     sampler.step(&model, start(), labels(), index, &DdpmGuidance::Unguided, &mut noise)
                 };
                 let (a, b) = (step(0.25), step(0.5));
