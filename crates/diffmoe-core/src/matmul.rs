@@ -59,13 +59,30 @@ pub fn matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) 
 /// batch (or the last chunk of one) has one slot, and in attention over a
 /// single token; the second row costs one row's products.
 ///
+/// Under autodiff, the product is also reshaped to its own shape and back,
+/// which ends burn's fused block at the product. burn 0.21's fusion
+/// otherwise writes the ops that follow into the matmul's output kernel,
+/// and under autodiff, which keeps their intermediates, that kernel gave
+/// wrong results for some narrow products. On `wgpu` over lavapipe,
+/// `[5, 4, 40] @ [5, 40, 160]`, plus a bias, then the tanh GELU, was off by
+/// 0.2 to 0.5, and so was the EC-DiT training forward at `d_model` 24, 40
+/// or 56 (`docs/benchmarks.md`, 2026-12-07, fourth session). Without
+/// autodiff, without fusion, or with the reshape, the product was right.
+///
 /// # Shapes
 /// - `lhs`: `[..., m, k]`, `rhs`: `[..., k, n]` (batch axes broadcast) -> `[..., m, n]`
 fn device_matmul<B: Backend, const D: usize>(lhs: Tensor<B, D>, rhs: Tensor<B, D>) -> Tensor<B, D> {
-    if D < 2 || is_cpu::<B>() || lhs.dims()[D - 2] != 1 {
+    if D < 2 || is_cpu::<B>() {
         return lhs.matmul(rhs);
     }
-    single_row_as_two(lhs, rhs)
+    let product = if lhs.dims()[D - 2] == 1 { single_row_as_two(lhs, rhs) } else { lhs.matmul(rhs) };
+    if B::ad_enabled(&product.device()) {
+        let shape = product.shape();
+        let elements = shape.num_elements();
+        product.reshape([elements]).reshape(shape)
+    } else {
+        product
+    }
 }
 
 /// `lhs @ rhs` for `lhs` of one row, computed on `[lhs; 0]` and the first

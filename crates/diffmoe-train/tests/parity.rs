@@ -111,8 +111,9 @@ fn diffmoe_head_dim_swiglu_e16() {
 }
 
 /// EC-DiT at `d_model` 40 with 5 experts and 5 heads, `k = int((16 / 5) *
-/// 1.25)`, no shared expert. (On wgpu, burn 0.21's kernel fusion computes its
-/// training forward wrongly: `docs/benchmarks.md`, 2026-12-07, fourth session.)
+/// 1.25)`, no shared expert. (Its training forward is where burn 0.21's
+/// fusion fault under autodiff showed on wgpu; see `diffmoe-core`'s
+/// `device_matmul`.)
 #[test]
 fn ecdit_width_40() {
     run_in(&generated(), "ecdit_width_40");
