@@ -196,7 +196,8 @@ fn autodiff_gated_residual(shape: RowGroups, x: Tensor<Ad, 3>, gate: Tensor<Ad, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, Tolerance};
+    use crate::accuracy::{assert_as_accurate, in_f64};
+    use burn::tensor::Distribution;
 
     fn rand<B: Backend, const D: usize>(shape: [usize; D], std: f64) -> Tensor<B, D> {
         Tensor::random(shape, Distribution::Normal(0.5, std), &Default::default())
@@ -218,18 +219,23 @@ mod tests {
             // `b` as a strided view (the adaLN chunks are), `c` as given.
             let b2 = Tensor::cat(vec![b.clone(), b.clone()], 1).narrow(1, d, d);
             let y = op(a.clone(), b2, c.clone());
-            let grads = (y.clone() * w.clone()).sum().backward();
+            let grads = (y.clone() * w.clone().cast(y.dtype())).sum().backward();
             [y.inner().into_data(), a.grad(&grads).unwrap().into_data(), b.grad(&grads).unwrap().into_data()]
                 .into_iter()
                 .chain([c.grad(&grads).unwrap().into_data()])
                 .collect::<Vec<_>>()
         };
-        for (ours, theirs) in run(fused).into_iter().zip(run(composed)) {
-            ours.assert_approx_eq::<f32>(&theirs, Tolerance::rel_abs(1e-5, 2e-5));
+        let exact = run(&|a, b, c| composed(in_f64(a), in_f64(b), in_f64(c)));
+        for (((ours, ops), exact), what) in
+            run(fused).iter().zip(&run(composed)).zip(&exact).zip(["y", "da", "db", "dc"])
+        {
+            assert_as_accurate(what, ours, ops, exact);
         }
         // Untracked inputs.
-        let untracked = fused(a.clone().detach(), b.clone().detach(), c.clone().detach());
-        untracked.into_data().assert_approx_eq::<f32>(&composed(a, b, c).into_data(), Tolerance::rel_abs(1e-5, 2e-5));
+        let (a, b, c) = (a.detach(), b.detach(), c.detach());
+        let untracked = fused(a.clone(), b.clone(), c.clone()).into_data();
+        let exact = composed(in_f64(a.clone()), in_f64(b.clone()), in_f64(c.clone())).into_data();
+        assert_as_accurate("untracked y", &untracked, &composed(a, b, c).into_data(), &exact);
     }
 
     #[test]
@@ -253,14 +259,20 @@ mod tests {
             // Without autodiff.
             let [x, h] = [rand::<Flex, 3>(dims, 2.0), rand::<Flex, 3>(dims, 1.0)];
             let [shift, scale] = [rand::<Flex, 2>([n, d], 0.5), rand::<Flex, 2>([n, d], 0.5)];
-            let close = |a: Tensor<Flex, 3>, b: Tensor<Flex, 3>| {
-                a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::rel_abs(1e-5, 2e-5))
-            };
-            close(
-                modulated_layer_norm(x.clone(), shift.clone(), scale.clone()),
-                modulate(layer_norm(x.clone()), shift.clone(), scale),
+            assert_as_accurate(
+                "modulated LayerNorm",
+                &modulated_layer_norm(x.clone(), shift.clone(), scale.clone()).into_data(),
+                &modulate(layer_norm(x.clone()), shift.clone(), scale.clone()).into_data(),
+                &modulate(layer_norm(in_f64(x.clone())), in_f64(shift.clone()), in_f64(scale)).into_data(),
             );
-            close(gated_residual(x.clone(), shift.clone(), h.clone()), x + broadcast_middle(shift, dims[1]) * h);
+            let residual =
+                |x: Tensor<Flex, 3>, gate: Tensor<Flex, 2>, h: Tensor<Flex, 3>| x + broadcast_middle(gate, dims[1]) * h;
+            assert_as_accurate(
+                "gated residual",
+                &gated_residual(x.clone(), shift.clone(), h.clone()).into_data(),
+                &residual(x.clone(), shift.clone(), h.clone()).into_data(),
+                &residual(in_f64(x), in_f64(shift), in_f64(h)).into_data(),
+            );
         }
     }
 

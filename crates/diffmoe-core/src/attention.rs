@@ -97,7 +97,8 @@ fn autodiff_forward(shape: HeadsShape, scale: f32, qkv: Tensor<Autodiff<Flex>, 3
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, Tolerance};
+    use crate::accuracy::{assert_as_accurate, in_f64};
+    use burn::tensor::Distribution;
 
     type Ad = Autodiff<Flex>;
 
@@ -112,24 +113,26 @@ mod tests {
             let scale = (hd as f64).powf(-0.5);
             let run = |op: &dyn Fn(Tensor<Ad, 3>) -> Tensor<Ad, 3>| {
                 let y = op(qkv.clone());
-                let grads = (y.clone() * w.clone()).sum().backward();
-                (y.inner(), qkv.grad(&grads).expect("qkv takes part in the graph"))
+                let grads = (y.clone() * w.clone().cast(y.dtype())).sum().backward();
+                [y.inner(), qkv.grad(&grads).expect("qkv takes part in the graph")].map(Tensor::into_data)
             };
-            let (y, dx) = run(&|x| self_attention(x, h, hd));
             // The composition of burn's own ops (`matmul` and `softmax_last`
             // of this crate would take the CPU kernels).
-            let (y_ref, dx_ref) = run(&|x| {
+            let ops = |x: Tensor<Ad, 3>| {
                 let parts = x.reshape([n, t, 3, h, hd]).permute([2, 0, 3, 1, 4]);
                 let part = |i: usize| parts.clone().narrow(0, i, 1).reshape([n, h, t, hd]);
                 let scores = part(0).matmul(part(1).swap_dims(2, 3)).mul_scalar(scale);
                 burn::tensor::activation::softmax(scores, 3).matmul(part(2)).swap_dims(1, 2).reshape([n, t, h * hd])
-            });
-            y.into_data().assert_approx_eq::<f32>(&y_ref.into_data(), Tolerance::absolute(1e-5));
-            dx.into_data().assert_approx_eq::<f32>(&dx_ref.into_data(), Tolerance::absolute(1e-5));
+            };
+            let [y, dx] = run(&|x| self_attention(x, h, hd));
+            let [y_ops, dx_ops] = run(&ops);
+            let [y_exact, dx_exact] = run(&|x| ops(in_f64(x)));
+            assert_as_accurate("output", &y, &y_ops, &y_exact);
+            assert_as_accurate("gradient", &dx, &dx_ops, &dx_exact);
             // Without autodiff, and through the fallback.
             let plain = self_attention(qkv.clone().inner(), h, hd);
             let fallback = composed(qkv.clone().inner(), shape, scale);
-            plain.into_data().assert_approx_eq::<f32>(&fallback.into_data(), Tolerance::absolute(1e-5));
+            assert_as_accurate("untracked output", &plain.into_data(), &fallback.into_data(), &y_exact);
         }
     }
 

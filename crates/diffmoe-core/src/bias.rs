@@ -228,6 +228,7 @@ fn autodiff_expert_bias(x: Tensor<Ad, 3>, bias: Tensor<Ad, 2>, after: AfterBias)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accuracy::{assert_as_accurate, in_f64};
     use burn::backend::{Autodiff, Flex};
     use burn::tensor::{Distribution, Tolerance};
 
@@ -271,16 +272,18 @@ mod tests {
                 let run = |op: &dyn Fn(Tensor<Ad, 3>, Tensor<Ad, 2>) -> Tensor<Ad, 3>| {
                     // `x` as a product's output would be: its own buffer.
                     let y = op(x.clone() * 1.0, bias.clone());
-                    let grads = (y.clone() * w.clone()).sum().backward();
+                    let grads = (y.clone() * w.clone().cast(y.dtype())).sum().backward();
                     [y.inner(), x.grad(&grads).unwrap(), bias.grad(&grads).unwrap().unsqueeze_dim(0)]
+                        .map(Tensor::into_data)
                 };
-                let ours = run(&|x, b| add_expert_bias(x, b, None, after));
-                let ops = run(&|x, b| after.apply(x + broadcast_middle(b, slots)));
-                let [y, dx, db] = ours;
-                let [y_ops, dx_ops, db_ops] = ops;
-                y.into_data().assert_eq(&y_ops.into_data(), true);
-                dx.into_data().assert_eq(&dx_ops.into_data(), true);
-                db.into_data().assert_approx_eq::<f32>(&db_ops.into_data(), Tolerance::rel_abs(1e-5, 1e-4));
+                let ops = |x, b| after.apply(x + broadcast_middle(b, slots));
+                let [y, dx, db] = run(&|x, b| add_expert_bias(x, b, None, after));
+                let [y_ops, dx_ops, db_ops] = run(&ops);
+                y.assert_eq(&y_ops, true);
+                dx.assert_eq(&dx_ops, true);
+                // The bias gradient: a sum over the rows, in another order than burn's.
+                let [.., db_exact] = run(&|x, b| ops(in_f64(x), in_f64(b)));
+                assert_as_accurate("bias gradient", &db, &db_ops, &db_exact);
             }
         }
     }
@@ -293,14 +296,16 @@ mod tests {
         let w = rand::<Ad, 2>([700, 24]);
         let run = |op: &dyn Fn(Tensor<Ad, 2>, Tensor<Ad, 1>) -> Tensor<Ad, 2>| {
             let y = op(x.clone() * 1.0, bias.clone());
-            let grads = (y.clone() * w.clone()).sum().backward();
-            (y.inner(), x.grad(&grads).unwrap(), bias.grad(&grads).unwrap())
+            let grads = (y.clone() * w.clone().cast(y.dtype())).sum().backward();
+            (y.inner().into_data(), x.grad(&grads).unwrap().into_data(), bias.grad(&grads).unwrap().into_data())
         };
+        let ops = |x: Tensor<Ad, 2>, b: Tensor<Ad, 1>| x + b.unsqueeze_dim(0);
         let (y, dx, db) = run(&|x, b| add_bias(x, b));
-        let (y_ops, dx_ops, db_ops) = run(&|x, b| x + b.unsqueeze_dim(0));
-        y.into_data().assert_eq(&y_ops.into_data(), true);
-        dx.into_data().assert_eq(&dx_ops.into_data(), true);
-        db.into_data().assert_approx_eq::<f32>(&db_ops.into_data(), Tolerance::rel_abs(1e-5, 1e-4));
+        let (y_ops, dx_ops, db_ops) = run(&ops);
+        y.assert_eq(&y_ops, true);
+        dx.assert_eq(&dx_ops, true);
+        let (.., db_exact) = run(&|x, b| ops(in_f64(x), in_f64(b)));
+        assert_as_accurate("bias gradient", &db, &db_ops, &db_exact);
         let plain = add_bias(x.clone().inner(), bias.clone().inner());
         plain.into_data().assert_eq(&(x.inner() + bias.inner().unsqueeze_dim(0)).into_data(), true);
     }

@@ -381,7 +381,8 @@ fn autodiff_combine(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, TensorData, Tolerance};
+    use crate::accuracy::{assert_sum_accurate, in_f64};
+    use burn::tensor::{Distribution, TensorData};
 
     fn rand<B: Backend, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
         Tensor::random(shape, Distribution::Normal(0.0, 2.0), &Default::default())
@@ -469,20 +470,23 @@ mod tests {
             let out = rand::<Ad, 2>([ROWS.len(), width]).require_grad();
             let w = rand::<Ad, 1>([ROWS.len()]).require_grad();
             let probe = rand::<Ad, 2>([7, width]);
-            let run = |op: &CombineOp| {
+            let run = |op: &CombineOp, probe: Tensor<Ad, 2>| {
                 // Fresh buffers, as a layer's would be.
                 let y = op(acc.clone() * 1.0, index(&ROWS), out.clone() * 1.0, w.clone() * 1.0);
-                let grads = (y.clone() * probe.clone()).sum().backward();
+                let grads = (y.clone() * probe.cast(y.dtype())).sum().backward();
                 let grad = |t: &Tensor<Ad, 2>| t.grad(&grads).expect("tracked").into_data();
                 (y.inner().into_data(), grad(&acc), grad(&out), w.grad(&grads).expect("tracked").into_data())
             };
-            let (y, d_acc, d_out, d_w) = run(&|a, i, o, w| combine(a, i, o, w));
-            let (y_ops, d_acc_ops, d_out_ops, d_w_ops) = run(&|a, i, o, w| ops(a, i, o, w));
+            let (y, d_acc, d_out, d_w) = run(&|a, i, o, w| combine(a, i, o, w), probe.clone());
+            let (y_ops, d_acc_ops, d_out_ops, _) = run(&|a, i, o, w| ops(a, i, o, w), probe.clone());
             y.assert_eq(&y_ops, true);
             d_acc.assert_eq(&d_acc_ops, true);
             d_out.assert_eq(&d_out_ops, true);
-            // A dot product per row, summed in another order than burn's.
-            d_w.assert_approx_eq::<f32>(&d_w_ops, Tolerance::rel_abs(1e-5, 1e-4));
+            // A dot product per row, summed in another order than burn's:
+            // against its exact value and the sum of its terms' magnitudes.
+            let (.., d_w_exact) = run(&|a, i, o, w| ops(in_f64(a), i, in_f64(o), in_f64(w)), probe.clone());
+            let (.., magnitudes) = run(&|a, i, o, w| ops(in_f64(a), i, in_f64(o).abs(), in_f64(w)), probe.abs());
+            assert_sum_accurate("weight gradient", &d_w, &d_w_exact, &magnitudes);
         }
     }
 

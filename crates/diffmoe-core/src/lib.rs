@@ -20,6 +20,8 @@
 //! No layer mutates itself in `forward`: each returns [`RoutingStats`], and the
 //! caller applies the threshold update ([`DiffMoeLayer::with_updated_thresholds`]).
 
+#[cfg(test)]
+mod accuracy;
 mod activation;
 mod adaln;
 mod adaln_kernel;

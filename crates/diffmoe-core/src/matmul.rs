@@ -390,7 +390,8 @@ fn autodiff_matmul<const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, Tolerance};
+    use crate::accuracy::{assert_as_accurate, in_f64};
+    use burn::tensor::{Distribution, TensorData, Tolerance};
 
     type Ad = Autodiff<Flex>;
 
@@ -406,10 +407,11 @@ mod tests {
         lhs_t: &Tensor<Ad, D>,
         rhs: &Tensor<Ad, D>,
         w: &Tensor<Ad, D>,
-    ) -> [Tensor<Flex, D>; 3] {
+    ) -> [TensorData; 3] {
         let y = op(lhs_t.clone().swap_dims(D - 2, D - 1), rhs.clone());
-        let grads = (y.clone() * w.clone()).sum().backward();
+        let grads = (y.clone() * w.clone().cast(y.dtype())).sum().backward();
         [y.inner(), lhs_t.grad(&grads).expect("lhs tracked"), rhs.grad(&grads).expect("rhs tracked")]
+            .map(Tensor::into_data)
     }
 
     fn equals_burn<const D: usize>(lhs_t: [usize; D], rhs: [usize; D], out: [usize; D]) {
@@ -417,8 +419,9 @@ mod tests {
         let w = rand::<Ad, D>(out);
         let ours = run(&|a, b| matmul(a, b), &lhs_t, &rhs, &w);
         let burns = run(&|a, b| a.matmul(b), &lhs_t, &rhs, &w);
-        for (a, b) in ours.into_iter().zip(burns) {
-            a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-4));
+        let exact = run(&|a, b| in_f64(a).matmul(in_f64(b)), &lhs_t, &rhs, &w);
+        for (((ours, burns), exact), what) in ours.iter().zip(&burns).zip(&exact).zip(["product", "dlhs", "drhs"]) {
+            assert_as_accurate(what, ours, burns, exact);
         }
     }
 
@@ -474,14 +477,18 @@ mod tests {
             let g = rand::<Ad, 3>([batch, m, n]);
             let run = |op: &dyn Fn(Tensor<Ad, 3>, Tensor<Ad, 3>) -> Tensor<Ad, 3>| {
                 let y = op(x.clone(), w.clone().swap_dims(1, 2));
-                let grads = (y.clone() * g.clone()).sum().backward();
+                let grads = (y.clone() * g.clone().cast(y.dtype())).sum().backward();
                 [y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap()]
             };
             let ours = run(&|a, b| matmul(a, b));
             let w_grad = crate::fused::flex_f32(ours[2].clone()).unwrap_or_else(|_| unreachable!("Flex"));
             assert!(w_grad.is_contiguous(), "w's gradient of {:?}", [batch, m, k, n]);
-            for (a, b) in ours.into_iter().zip(run(&|a, b| a.matmul(b))) {
-                a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-4));
+            let burns = run(&|a, b| a.matmul(b));
+            let exact = run(&|a, b| in_f64(a).matmul(in_f64(b)));
+            for ((ours, (burns, exact)), what) in
+                ours.into_iter().zip(burns.into_iter().zip(exact)).zip(["y", "dx", "dw"])
+            {
+                assert_as_accurate(what, &ours.into_data(), &burns.into_data(), &exact.into_data());
             }
         }
     }
