@@ -51,6 +51,18 @@ pub(crate) fn assert_as_accurate(what: &str, ours: &TensorData, ops: &TensorData
     );
 }
 
+/// [`assert_as_accurate`] on each result of an op (its output and its
+/// gradients), named by `whats`.
+///
+/// # Panics
+/// If the counts differ, or as [`assert_as_accurate`].
+pub(crate) fn assert_each_as_accurate(whats: &[&str], ours: &[TensorData], ops: &[TensorData], exact: &[TensorData]) {
+    assert!(ours.len() == whats.len() && ops.len() == whats.len() && exact.len() == whats.len(), "{whats:?}: counts");
+    for (i, what) in whats.iter().enumerate() {
+        assert_as_accurate(what, &ours[i], &ops[i], &exact[i]);
+    }
+}
+
 /// Asserts that each element of `ours` errs from `exact` by at most
 /// [`SUM_EPSILONS`] f32 epsilons of `magnitudes`, the same sum over the
 /// terms' absolute values: for results of a few elements, where the largest

@@ -196,7 +196,7 @@ fn autodiff_gated_residual(shape: RowGroups, x: Tensor<Ad, 3>, gate: Tensor<Ad, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accuracy::{assert_as_accurate, in_f64};
+    use crate::accuracy::{assert_as_accurate, assert_each_as_accurate, in_f64};
     use burn::tensor::Distribution;
 
     fn rand<B: Backend, const D: usize>(shape: [usize; D], std: f64) -> Tensor<B, D> {
@@ -226,11 +226,7 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let exact = run(&|a, b, c| composed(in_f64(a), in_f64(b), in_f64(c)));
-        for (((ours, ops), exact), what) in
-            run(fused).iter().zip(&run(composed)).zip(&exact).zip(["y", "da", "db", "dc"])
-        {
-            assert_as_accurate(what, ours, ops, exact);
-        }
+        assert_each_as_accurate(&["y", "da", "db", "dc"], &run(fused), &run(composed), &exact);
         // Untracked inputs.
         let (a, b, c) = (a.detach(), b.detach(), c.detach());
         let untracked = fused(a.clone(), b.clone(), c.clone()).into_data();

@@ -390,7 +390,7 @@ fn autodiff_matmul<const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accuracy::{assert_as_accurate, in_f64};
+    use crate::accuracy::{assert_each_as_accurate, in_f64};
     use burn::tensor::{Distribution, TensorData, Tolerance};
 
     type Ad = Autodiff<Flex>;
@@ -420,9 +420,7 @@ mod tests {
         let ours = run(&|a, b| matmul(a, b), &lhs_t, &rhs, &w);
         let burns = run(&|a, b| a.matmul(b), &lhs_t, &rhs, &w);
         let exact = run(&|a, b| in_f64(a).matmul(in_f64(b)), &lhs_t, &rhs, &w);
-        for (((ours, burns), exact), what) in ours.iter().zip(&burns).zip(&exact).zip(["product", "dlhs", "drhs"]) {
-            assert_as_accurate(what, ours, burns, exact);
-        }
+        assert_each_as_accurate(&["product", "dlhs", "drhs"], &ours, &burns, &exact);
     }
 
     /// The GPU backends' single-row fallback has burn's values and
@@ -483,13 +481,9 @@ mod tests {
             let ours = run(&|a, b| matmul(a, b));
             let w_grad = crate::fused::flex_f32(ours[2].clone()).unwrap_or_else(|_| unreachable!("Flex"));
             assert!(w_grad.is_contiguous(), "w's gradient of {:?}", [batch, m, k, n]);
-            let burns = run(&|a, b| a.matmul(b));
-            let exact = run(&|a, b| in_f64(a).matmul(in_f64(b)));
-            for ((ours, (burns, exact)), what) in
-                ours.into_iter().zip(burns.into_iter().zip(exact)).zip(["y", "dx", "dw"])
-            {
-                assert_as_accurate(what, &ours.into_data(), &burns.into_data(), &exact.into_data());
-            }
+            let [ours, burns, exact] = [ours, run(&|a, b| a.matmul(b)), run(&|a, b| in_f64(a).matmul(in_f64(b)))]
+                .map(|results| results.map(Tensor::into_data));
+            assert_each_as_accurate(&["y", "dx", "dw"], &ours, &burns, &exact);
         }
     }
 
